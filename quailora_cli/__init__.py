@@ -1,0 +1,1 @@
+"""The quailora-convert command line (Typer). The library never imports this package."""

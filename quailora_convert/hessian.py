@@ -1,0 +1,35 @@
+"""H = X X^T accumulated from layer inputs: pure tensor functions plus a tiny running sum."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class HessianSum:
+    """Raw float32 sum of x x^T over unmasked tokens, with the token count; normalised once."""
+
+    def __init__(self, in_features: int, device: torch.device | str):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # (in, in)
+        self.tokens = 0
+
+    def add(self, x: Tensor, token_mask: Tensor | None) -> None:
+        """x (..., in) with its leading dims flattening to the token_mask's (batch * seq,) tokens."""
+        X = select_tokens(x, token_mask).float()  # (n, in)
+        self.sum.addmm_(X.T, X)
+        self.tokens += X.shape[0]
+
+    def mean(self) -> Tensor:
+        if self.tokens == 0:
+            raise FloatingPointError("no calibration token reached this layer: every sample was padding")
+        return self.sum / self.tokens  # (in, in)
+
+
+def select_tokens(x: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Rows of x (..., in) as (tokens, in), dropping the positions where token_mask is False."""
+    X = x.reshape(-1, x.shape[-1])
+    if token_mask is None:
+        return X
+    flat_mask = token_mask.reshape(-1).to(X.device)
+    if flat_mask.numel() != X.shape[0]:
+        raise ValueError(f"input has {X.shape[0]} token rows but the padding mask has {flat_mask.numel()}")
+    return X[flat_mask]

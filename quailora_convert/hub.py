@@ -1,0 +1,76 @@
+"""Resolving MODEL to a local folder: a directory as is, or a Hub repo pinned to its commit."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInputError, UnsupportedModelError
+
+# Everything a conversion reads besides the weight shards.
+METADATA_PATTERNS = [
+    "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "vocab*", "merges.txt", "*.model", "*.tiktoken", "chat_template*",
+]
+TOKENIZER_PATTERNS = [p for p in METADATA_PATTERNS if p not in ("config.json", "model.safetensors.index.json")]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    folder: Path
+    repo_id: str | None = None  # None for a local folder
+    commit: str | None = None
+
+
+def resolve_model(model: str, revision: str | None = None) -> ModelSource:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return ModelSource(path.resolve())
+    if path.exists():
+        raise BadInputError(f"MODEL {model} is a file; give a model folder with config.json and safetensors shards, or a Hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise BadInputError(f"MODEL {model}: no such folder")
+    return _download(model, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> ModelSource:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    with _hub_errors(repo_id, revision):
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_PATTERNS))
+        commit = folder.name  # snapshots/<commit sha>
+        index = folder / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        for shard in shards:
+            hf_hub_download(repo_id, shard, revision=commit)
+    if not (folder / "config.json").exists():
+        raise UnsupportedModelError(f"{repo_id} has no config.json: not a transformers model")
+    return ModelSource(folder, repo_id, commit)
+
+
+class _hub_errors:
+    """Turns huggingface_hub's exceptions into one actionable line (gated before not-found: a subclass)."""
+
+    def __init__(self, repo_id: str, revision: str | None):
+        self.repo_id, self.revision = repo_id, revision
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        from huggingface_hub import errors as hub
+
+        if error is None:
+            return False
+        messages = [
+            (hub.GatedRepoError, f"{self.repo_id} is gated: accept its licence on huggingface.co and set HF_TOKEN"),
+            (hub.RepositoryNotFoundError, f"{self.repo_id} not found on the Hub (private? set HF_TOKEN)"),
+            (hub.RevisionNotFoundError, f"revision {self.revision!r} not found in {self.repo_id}"),
+            (hub.RemoteEntryNotFoundError, f"{self.repo_id} has no safetensors weights (model.safetensors or its index)"),
+            (hub.LocalEntryNotFoundError, f"{self.repo_id} is not in the local HF cache and the Hub cannot be reached "
+                                          "(offline? unset HF_HUB_OFFLINE or download it first)"),
+        ]
+        for exception_type, message in messages:
+            if isinstance(error, exception_type):
+                raise BadInputError(message) from error
+        return False

@@ -1,0 +1,77 @@
+"""Independent float32 references for checking bundles: built from the source weights and the
+bundle's files, never from the converter's code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+
+def bundle_tensors(bundle: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(bundle).glob("model*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def adapter_tensors(bundle: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(Path(bundle) / "adapter_model.safetensors"), "pt") as h:
+        return {k: h.get_tensor(k) for k in h.keys()}
+
+
+def scaling_of(bundle: Path) -> float:
+    cfg = json.loads((Path(bundle) / "adapter_config.json").read_text())
+    return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
+
+
+def dequantize_saved(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """The (out, in) weight a bnb layer computes with, from the tensors saved under module."""
+    if f"{module}.SCB" in tensors:
+        return bnbF.int8_vectorwise_dequant(tensors[f"{module}.weight"], tensors[f"{module}.SCB"])
+    state = bnbF.QuantState.from_dict(
+        {k[len(module) + len(".weight."):]: v for k, v in tensors.items() if k.startswith(f"{module}.weight.")},
+        device=torch.device("cpu"),
+    )
+    return bnbF.dequantize_4bit(tensors[f"{module}.weight"], state)
+
+
+def reference_model(source: Path, bundle: Path) -> torch.nn.Module:
+    """Source model in float32 with every adapted linear set to dequant(Q) + scaling * B @ A."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    base, adapter, scaling = bundle_tensors(bundle), adapter_tensors(bundle), scaling_of(bundle)
+    for key in adapter:
+        if not key.endswith("lora_A.weight"):
+            continue
+        module_path = key[len("base_model.model."):-len(".lora_A.weight")]
+        A, B = adapter[key], adapter[key.replace("lora_A", "lora_B")]
+        W = dequantize_saved(base, module_path).float() + scaling * B.float() @ A.float()  # (out, in)
+        module = model.get_submodule(module_path)
+        with torch.no_grad():
+            module.weight.copy_(W.T if type(module).__name__ == "Conv1D" else W)
+    return model.eval()
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def dequantize_loaded(module: torch.nn.Module) -> torch.Tensor:
+    """What a loaded bnb layer holds, dequantized; call before any forward (CPU repacking)."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return bnbF.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
+
+
+def use_float32_compute(model: torch.nn.Module) -> None:
+    """Make every Linear4bit multiply in float32, so bundle and reference agree to fp tolerance."""
+    for module in quantized_linears(model).values():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
