@@ -31,14 +31,19 @@ def scaling_of(bundle: Path) -> float:
     return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
 
 
-def dequantize_saved(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
-    """The (out, in) weight a bnb layer computes with, from the tensors saved under module."""
+def dequantize_saved(tensors: dict[str, torch.Tensor], module: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (out, in) weight a bnb layer computes with, from the tensors saved under module.
+
+    NF4 dequantizes to the saved dtype (bf16 for a bf16 model), or to dtype when given: a
+    float32 forward on CPU dequantizes straight to float32, without the bf16 rounding.
+    """
     if f"{module}.SCB" in tensors:
         return bnbF.int8_vectorwise_dequant(tensors[f"{module}.weight"], tensors[f"{module}.SCB"])
     state = bnbF.QuantState.from_dict(
         {k[len(module) + len(".weight."):]: v for k, v in tensors.items() if k.startswith(f"{module}.weight.")},
         device=torch.device("cpu"),
     )
+    state.dtype = dtype or state.dtype
     return bnbF.dequantize_4bit(tensors[f"{module}.weight"], state)
 
 
@@ -51,7 +56,7 @@ def reference_model(source: Path, bundle: Path) -> torch.nn.Module:
             continue
         module_path = key[len("base_model.model."):-len(".lora_A.weight")]
         A, B = adapter[key], adapter[key.replace("lora_A", "lora_B")]
-        W = dequantize_saved(base, module_path).float() + scaling * B.float() @ A.float()  # (out, in)
+        W = dequantize_saved(base, module_path, torch.float32) + scaling * B.float() @ A.float()  # (out, in)
         module = model.get_submodule(module_path)
         with torch.no_grad():
             module.weight.copy_(W.T if type(module).__name__ == "Conv1D" else W)
@@ -71,7 +76,11 @@ def dequantize_loaded(module: torch.nn.Module) -> torch.Tensor:
 
 
 def use_float32_compute(model: torch.nn.Module) -> None:
-    """Make every Linear4bit multiply in float32, so bundle and reference agree to fp tolerance."""
+    """Run a loaded bundle in float32 (quantized weights stay as saved), so that it and the
+    reference agree to fp tolerance."""
+    for param in model.parameters():
+        if param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
     for module in quantized_linears(model).values():
         if isinstance(module, bnb.nn.Linear4bit):
             module.compute_dtype = torch.float32

@@ -1,0 +1,67 @@
+"""A converted bundle loads with plain transformers + PEFT and computes exactly Q + scaling * B @ A."""
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+
+from quailora_convert.pipeline import ConvertSettings, convert
+from reference import dequantize_loaded, dequantize_saved, bundle_tensors, quantized_linears, reference_model, use_float32_compute
+from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("roundtrip")
+    source = save_tiny(tiny_llama_config(), root / "source")
+    calib = write_text_calibration(root / "calib.jsonl")
+    out = convert(ConvertSettings(model=str(source), out=root / "bundle", calib=str(calib), rank=8, num_samples=16,
+                                  seq_len=32, batch_size=4))
+    return source, out
+
+
+def test_bundle_loads_with_peft_and_only_lora_trains(tiny_bundle):
+    _, bundle = tiny_bundle
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle, is_trainable=True)
+    linears = quantized_linears(model)
+    assert len(linears) == 2 * 7
+    assert all(type(m).__name__ == "Linear4bit" for m in linears.values())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2
+
+
+def test_loaded_base_is_bit_identical_to_saved_q(tiny_bundle):
+    _, bundle = tiny_bundle
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle)
+    saved = bundle_tensors(bundle)
+    for name, module in quantized_linears(model).items():
+        path = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(dequantize_loaded(module), dequantize_saved(saved, path)), path
+
+
+def test_bundle_logits_match_float32_reference(tiny_bundle):
+    source, bundle = tiny_bundle
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
+    use_float32_compute(model)
+    model.train()  # as when fine-tuning (no dropout here); eval on AVX512-BF16 CPUs swaps in a bf16 kernel
+    reference = reference_model(source, bundle)
+    ids = torch.randint(4, 500, (2, 24))
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(ids).logits
+    assert not torch.allclose(plain, want, atol=1e-3)  # the adapter does something
+
+
+def test_report_shows_error_reduction_per_module(tiny_bundle):
+    _, bundle = tiny_bundle
+    report = json.loads((bundle / "quailora_report.json").read_text())
+    assert len(report["modules"]) == 14
+    for m in report["modules"]:
+        assert m["error_after"] <= m["error_svd_init"] * (1 + 1e-6) <= m["error_before"] * (1 + 1e-6)
+    assert report["summary"]["relative_error_after"] < 0.9
+    groups = {m["module"].rsplit(".", 1)[-1]: m["input_group"].rsplit(".", 1)[-1] for m in report["modules"]}
+    assert groups["k_proj"] == groups["v_proj"] == "q_proj" and groups["up_proj"] == "gate_proj"
+    assert groups["o_proj"] == "o_proj" and groups["down_proj"] == "down_proj"
