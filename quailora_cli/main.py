@@ -73,7 +73,6 @@ ERROR_MESSAGES: list[tuple[type[BaseException], str]] = [
     (FloatingPointError, "numerical problem: {error}"),
     (FileNotFoundError, "file not found: {error}"),
     (MemoryError, "out of memory: lower --batch-size or --seq-len, or use a GPU"),
-    (KeyboardInterrupt, "interrupted; nothing was written"),
 ]
 
 
@@ -84,21 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "convert")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        app(args=argv, prog_name="quailora-convert", standalone_mode=False)
+        app(args=argv, prog_name="quailora-convert")  # usage errors: click's message, exit 2
     except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
-        _fail(error)
-    except KeyboardInterrupt as error:
         _fail(error)
 
 
 def _fail(error: BaseException) -> None:
-    from typer import _click as click  # typer ships its own click
-
-    if isinstance(error, click.exceptions.Exit):
-        raise SystemExit(error.exit_code)
-    if isinstance(error, click.ClickException):
-        error.show()
-        raise SystemExit(error.exit_code)
     if os.environ.get("QUAILORA_DEBUG"):
         raise error
     for kind, template in ERROR_MESSAGES:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -61,18 +62,22 @@ def _key_to_file(folder: Path) -> dict[str, str]:
 class KeyMap:
     """Translates between the skeleton's state-dict names and the checkpoint's keys.
 
-    Some checkpoints drop the base-model prefix (GPT-2's "h.0.attn..." for "transformer.h.0.attn...").
+    A checkpoint key is first renamed as transformers renames it on loading (rename: GPT-NeoX's
+    "embed_out" is the model's "lm_head"); some checkpoints also drop the base-model prefix (GPT-2's
+    "h.0.attn..." for "transformer.h.0.attn...").
     """
 
-    def __init__(self, model_keys: list[str], checkpoint_keys: list[str], base_prefix: str):
-        ckpt = set(checkpoint_keys)
+    def __init__(self, model_keys: list[str], checkpoint_keys: list[str], base_prefix: str,
+                 rename: Callable[[str], str] = lambda key: key):
+        wanted = set(model_keys)
+        renamed = {key: rename(key) for key in checkpoint_keys}
         self.to_checkpoint: dict[str, str] = {}
-        for key in model_keys:
-            stripped = key[len(base_prefix) + 1:] if base_prefix and key.startswith(base_prefix + ".") else None
-            if key in ckpt:
-                self.to_checkpoint[key] = key
-            elif stripped in ckpt:
-                self.to_checkpoint[key] = stripped
+        for with_prefix in (False, True):  # a key found as is wins over one found by adding the prefix
+            for key, name in renamed.items():
+                if with_prefix:
+                    name = f"{base_prefix}.{name}" if base_prefix else None
+                if name in wanted and name not in self.to_checkpoint:
+                    self.to_checkpoint[name] = key
         self.to_model = {c: m for m, c in self.to_checkpoint.items()}
 
     def checkpoint_key(self, model_key: str) -> str:
@@ -108,3 +113,19 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, key_ma
 def release(module: nn.Module) -> None:
     """Send module's parameters back to the meta device, freeing their memory."""
     module.to("meta")
+
+
+def transformers_renaming(model: nn.Module) -> Callable[[str], str]:
+    """The checkpoint-key renaming transformers applies when it loads model (renamings only).
+
+    Converters that merge or split tensors (fused MoE experts) are not one-to-one and are left
+    out: such a model fails with "the checkpoint has no tensor for ...". Identity when this
+    transformers has no conversion mapping.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return lambda key: key
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return lambda key: apply_renamings(key, renamings)

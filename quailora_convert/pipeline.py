@@ -93,7 +93,8 @@ def convert(settings: ConvertSettings, on_event: Callable[[Event], None] = lambd
     layers_path, layers = architectures.find_decoder_layers(model)
     targets = _targets(layers, layers_path, settings.target_modules)
     reader = checkpoint.CheckpointReader(source.folder)
-    key_map = checkpoint.KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix)
+    key_map = checkpoint.KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix,
+                                 checkpoint.transformers_renaming(model))
 
     batches = _calibration_batches(settings, tokenizer)
     front = _materialize_front(model, layers_path, reader, key_map, device)
@@ -149,13 +150,17 @@ def _validate(s: ConvertSettings) -> None:
 
 
 def _skeleton(folder: Path, device: torch.device) -> tuple[nn.Module, object]:
-    """The model built on the meta device from config.json; buffers (rotary tables) are real."""
+    """The model built on the meta device from config.json; buffers (rotary tables) are real.
+
+    Attention is transformers' default: SDPA where the architecture supports it, else eager
+    (Gemma 2's soft-capped attention has no SDPA path).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=CALIBRATION_DTYPE, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=CALIBRATION_DTYPE)
     model.eval()
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):

@@ -1,0 +1,3 @@
+from quailora_cli.main import main
+
+main()

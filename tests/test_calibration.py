@@ -1,0 +1,85 @@
+"""Calibration sources, sampling, batching and token masking."""
+import json
+
+import pytest
+import torch
+
+from quailora_convert.calibration import (
+    format_alpaca, make_batches, read_texts, sample_token_sequences,
+)
+from quailora_convert.errors import BadInputError
+from quailora_convert.hessian import HessianSum
+from tiny_models import byte_tokenizer
+
+
+def test_alpaca_prompt_with_and_without_input():
+    with_input = format_alpaca({"instruction": "Add", "input": "1 2", "output": "3"})
+    assert "### Input:\n1 2" in with_input and with_input.endswith("### Response:\n3")
+    without = format_alpaca({"instruction": "Say hi", "input": "", "output": "hi"})
+    assert "### Input" not in without and "### Instruction:\nSay hi" in without
+
+
+def test_reads_alpaca_json_jsonl_text_and_txt(tmp_path):
+    records = [{"instruction": f"task {i}", "input": "", "output": "ok"} for i in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    (tmp_path / "t.jsonl").write_text('{"text": "hello world"}\n{"text": "bye"}\n')
+    (tmp_path / "t.txt").write_text("one long document")
+    assert read_texts(str(tmp_path / "a.json")) == read_texts(str(tmp_path / "a.jsonl"))
+    assert len(read_texts(str(tmp_path / "a.json"))) == 3
+    assert read_texts(str(tmp_path / "t.jsonl")) == ["hello world", "bye"]
+    assert read_texts(str(tmp_path / "t.txt")) == ["one long document"]
+
+
+@pytest.mark.parametrize("content,name,message", [
+    ("{not json", "bad.json", "invalid JSON"),
+    ('{"a": 1}\n', "bad.jsonl", "Alpaca records"),
+    ("x", "bad.csv", "unsupported extension"),
+    ("[]", "empty.json", "no records"),
+])
+def test_bad_calibration_files_give_one_line_errors(tmp_path, content, name, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(BadInputError, match=message) as error:
+        read_texts(str(tmp_path / name))
+    assert "\n" not in str(error.value)
+
+
+def test_missing_source_names_the_problem():
+    with pytest.raises(BadInputError, match="not a file"):
+        read_texts("/no/such/calibration.jsonl")
+
+
+def test_sampling_is_seeded_and_truncates():
+    tok = byte_tokenizer()
+    texts = [" ".join(["a"] * n) for n in range(3, 60)]
+    first = sample_token_sequences(texts, tok, 10, 16, seed=3)
+    assert first == sample_token_sequences(texts, tok, 10, 16, seed=3)
+    assert first != sample_token_sequences(texts, tok, 10, 16, seed=4)
+    assert len(first) == 10 and max(len(s) for s in first) <= 16
+
+
+def test_single_document_is_cut_into_windows():
+    tok = byte_tokenizer()
+    sequences = sample_token_sequences([" ".join(["b"] * 100)], tok, 50, 16, seed=0)
+    assert len(sequences) == 7 and all(len(s) <= 16 for s in sequences)  # 100 tokens, windows of 16
+
+
+def test_batches_are_right_padded_with_mask():
+    batches = make_batches([[5, 6, 7], [8], [9, 10]], batch_size=2, pad_id=1)
+    assert [tuple(b.input_ids.shape) for b in batches] == [(2, 3), (1, 2)]
+    assert batches[0].input_ids[1].tolist() == [8, 1, 1]
+    assert batches[0].attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_hessian_ignores_padding_tokens():
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    padded = HessianSum(8, "cpu")
+    padded.add(x, mask)
+    real = torch.cat([x[0, :3], x[1]])  # (8 tokens, 8)
+    assert padded.tokens == 8
+    assert torch.allclose(padded.mean(), real.T @ real / 8, atol=1e-6)
+    x[0, 3:] = 1e6  # garbage at padded positions changes nothing
+    again = HessianSum(8, "cpu")
+    again.add(x, mask)
+    assert torch.equal(again.sum, padded.sum)

@@ -1,0 +1,86 @@
+"""The command line: conversion through a real subprocess, and one-line errors with non-zero exits."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
+
+
+def run_cli(*args, cwd=None):
+    command = [shutil.which("quailora-convert")] if shutil.which("quailora-convert") else [sys.executable, "-m", "quailora_cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("QUAILORA_DEBUG", None)
+    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return save_tiny(tiny_llama_config(), root / "source"), write_text_calibration(root / "calib.jsonl")
+
+
+def test_convert_through_console_script(tiny, tmp_path):
+    source, calib = tiny
+    result = run_cli(source, "--calib", calib, "--out", tmp_path / "b", "--rank", "4", "--num-samples", "8",
+                     "--seq-len", "32", "--solver", "als", "--als-steps", "5", "--bits", "8", "--use-rslora")
+    assert result.returncode == 0, result.stderr
+    assert "bundle written to" in result.stdout
+    adapter = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["use_rslora"] is True
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "b").resolve())
+    report = json.loads((tmp_path / "b" / "quailora_report.json").read_text())
+    assert report["quantization"] == {"bits": 8, "type": "int8"}
+    assert report["settings"]["solver"] == "als"
+    assert report["summary"]["relative_error_after"] < 1.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/no/such/model", "--calib", "{calib}", "--out", "{out}"], "no such folder"),
+    (["{source}", "--calib", "/no/such.jsonl", "--out", "{out}"], "not a file"),
+    (["{source}", "--calib", "{calib}", "--out", "{out}", "--bits", "3"], "--bits"),
+    (["{source}", "--calib", "{calib}", "--out", "{out}", "--solver", "magic"], "--solver"),
+    (["{source}", "--calib", "{calib}", "--out", "{out}", "--target-modules", "nope_proj"], "matches no linear"),
+    (["{source}", "--calib", "{calib}", "--out", "{out}", "--device", "cuda:7"] if not torch.cuda.is_available()
+     else ["{source}", "--calib", "{calib}", "--out", "{out}", "--device", "bogus"], "--device"),
+    (["{source}", "--calib", "{calib}", "--out", "{source}"], "already exists"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path, args, message):
+    source, calib = tiny
+    filled = [a.format(source=source, calib=calib, out=tmp_path / "out") for a in args]
+    result = run_cli(*filled)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_midway_leaves_nothing_that_looks_like_a_bundle(tiny, tmp_path):
+    source, calib = tiny
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.mlp.down_proj.weight"
+    shard = broken / index["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = run_cli(broken, "--calib", calib, "--out", tmp_path / "out", "--rank", "4", "--num-samples", "4")
+    assert result.returncode != 0
+    assert "non-finite" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_help_lists_the_options():
+    result = run_cli("convert", "--help")
+    assert result.returncode == 0
+    for option in ("--bits", "--rank", "--calib", "--num-samples", "--seq-len", "--lora-alpha", "--use-rslora",
+                   "--solver", "--als-steps", "--target-modules", "--device", "--seed"):
+        assert option in result.stdout

@@ -1,0 +1,104 @@
+"""End to end on the real SmolLM2-135M-Instruct (Llama, 30 layers, 6 shards), small calibration budget."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from conftest import SHARED
+from quailora_convert.pipeline import ConvertSettings, convert
+from reference import dequantize_loaded, quantized_linears, reference_model, use_float32_compute
+
+pytestmark = pytest.mark.slow
+LINEARS_PER_LAYER = 7
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    script = SHARED / "scripts" / "smollm2.py"
+    if not script.exists():
+        pytest.skip(f"needs the workplace's ../shared/scripts/smollm2.py ({script} missing)")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bundles(smollm2, alpaca_calib, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2")
+    made = {}
+    for bits in (4, 8):
+        made[bits] = convert(ConvertSettings(model=str(smollm2), out=root / f"nf{bits}", calib=str(alpaca_calib),
+                                             bits=bits, rank=16, num_samples=12, seq_len=128, batch_size=4))
+    return made
+
+
+def _source_weight(folder: Path, key: str) -> torch.Tensor:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    with safe_open(str(folder / index["weight_map"][key]), "pt") as f:
+        return f.get_tensor(key)
+
+
+def test_base_loads_with_no_missing_or_unexpected_keys(bundles, tmp_path):
+    base_only = tmp_path / "base"
+    base_only.mkdir()
+    for path in bundles[4].iterdir():
+        if not path.name.startswith("adapter_"):
+            (base_only / path.name).symlink_to(path)
+    _, info = AutoModelForCausalLM.from_pretrained(base_only, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_peft_one_liner_gives_linear4bit_and_lora_only_training(bundles):
+    model = AutoPeftModelForCausalLM.from_pretrained(bundles[4], is_trainable=True)
+    linears = quantized_linears(model)
+    assert len(linears) == 30 * LINEARS_PER_LAYER
+    assert all(type(m).__name__ == "Linear4bit" for m in linears.values())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 30 * LINEARS_PER_LAYER
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+
+def test_loaded_base_equals_bnb_quantization_of_the_source(bundles, smollm2):
+    model = AutoPeftModelForCausalLM.from_pretrained(bundles[4])
+    for name, module in quantized_linears(model).items():
+        path = name.replace("base_model.model.", "").replace(".base_layer", "")
+        packed, state = bnbF.quantize_4bit(_source_weight(smollm2, f"{path}.weight"), blocksize=64,
+                                           compress_statistics=True, quant_type="nf4")
+        assert torch.equal(dequantize_loaded(module), bnbF.dequantize_4bit(packed, state)), path
+
+
+def test_logits_match_float32_reference(bundles, smollm2):
+    model = AutoPeftModelForCausalLM.from_pretrained(bundles[4], dtype=torch.float32)
+    use_float32_compute(model)
+    model.train()  # no dropout in this model; eval on AVX512-BF16 CPUs swaps in a bf16 kernel
+    reference = reference_model(smollm2, bundles[4])
+    ids = torch.randint(100, 40000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert torch.allclose(got, want, atol=2e-3, rtol=1e-4), (got - want).abs().max()
+
+
+def test_report_objectives_are_ordered_and_activation_aware(bundles):
+    report = json.loads((bundles[4] / "quailora_report.json").read_text())
+    assert len(report["modules"]) == 30 * LINEARS_PER_LAYER
+    for m in report["modules"]:
+        assert m["error_after"] <= m["error_svd_init"] * (1 + 1e-6), m["module"]
+        assert m["error_svd_init"] <= m["error_before"] * (1 + 1e-6), m["module"]
+    q0 = next(m for m in report["modules"] if m["module"] == "model.layers.0.self_attn.q_proj")
+    assert q0["error_after"] < 0.5 * q0["error_svd_init"]  # activation space beats weight space by far
+
+
+def test_int8_bundle_loads_and_adapter_lowers_error(bundles):
+    model = AutoPeftModelForCausalLM.from_pretrained(bundles[8], is_trainable=True)
+    linears = quantized_linears(model)
+    assert len(linears) == 30 * LINEARS_PER_LAYER
+    assert all(type(m).__name__ == "Linear8bitLt" for m in linears.values())
+    report = json.loads((bundles[8] / "quailora_report.json").read_text())
+    assert all(m["error_after"] < m["error_before"] for m in report["modules"])
+    assert report["summary"]["relative_error_after"] < 0.9
