@@ -38,7 +38,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches, device
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in layers]
     for batch in batches:
-        offloaded: dict[int, torch.Tensor] = {}
+        offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded, dtype) for i, layer in enumerate(layers)]
         for layer, recorder in zip(layers, recorders):
             layer.forward = recorder
@@ -55,7 +55,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches, device
 
 
 def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], hidden: list[torch.Tensor],
-              offloaded: dict[int, torch.Tensor], dtype: torch.dtype):
+              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype):
     signature = inspect.signature(type(layer).forward)
 
     def record(*args, **kwargs):
@@ -88,12 +88,15 @@ def _var_keyword(signature: inspect.Signature) -> str | None:
     return None
 
 
-def _offload(value, offloaded: dict[int, torch.Tensor]):
-    """Move tensors (also inside tuples/lists) to CPU, once per tensor object."""
+def _offload(value, offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """Move tensors (also inside tuples/lists) to CPU, once per tensor object.
+
+    offloaded maps id(original) -> (original, copy); holding the original keeps its id unique.
+    """
     if isinstance(value, torch.Tensor):
         if id(value) not in offloaded:
-            offloaded[id(value)] = value.detach().to("cpu")
-        return offloaded[id(value)]
+            offloaded[id(value)] = (value, value.detach().to("cpu"))
+        return offloaded[id(value)][1]
     if isinstance(value, (tuple, list)):
         return type(value)(_offload(v, offloaded) for v in value)
     return value

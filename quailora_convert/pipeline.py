@@ -109,6 +109,7 @@ def convert(settings: ConvertSettings, on_event: Callable[[Event], None] = lambd
     try:
         _copy_outside_layers(writer, reader, key_map, layers_path)
         reports: list[ModuleReport] = []
+        layer_seconds: list[float] = []
         stored_dtypes: set[torch.dtype] = set()
         for index, layer in enumerate(layers):
             layer_started = time.perf_counter()
@@ -121,12 +122,15 @@ def convert(settings: ConvertSettings, on_event: Callable[[Event], None] = lambd
             checkpoint.release(layer)
             reader.release()
             del hessians
-            on_event(Event("layer", {"index": index, "count": len(layers), "seconds": time.perf_counter() - layer_started}))
+            layer_seconds.append(time.perf_counter() - layer_started)
+            on_event(Event("layer", {"index": index, "count": len(layers), "seconds": layer_seconds[-1]}))
         compute_dtype = _compute_dtype(source.folder, stored_dtypes)
         skip = [n for n in architectures.linear_modules(model) if not n.startswith(layers_path + ".")]
         _write_configs(writer, source, quantizer, compute_dtype, skip, settings, targets, layers_path, model)
         writer.copy_files(source.folder, TOKENIZER_PATTERNS)
-        report = _report(settings, source, quantizer, reports, batches, calibration_seconds, started)
+        dropped = sorted(set(reader.keys()) - set(key_map.to_model))
+        report = _report(settings, source, quantizer, reports, batches, calibration_seconds, layer_seconds, started)
+        report["dropped_checkpoint_keys"] = dropped  # tensors the model does not load (e.g. stale buffers)
         writer.write_json(REPORT_NAME, report)
         out = writer.finish()
     except BaseException:
@@ -291,7 +295,8 @@ def _write_configs(writer, source: ModelSource, quantizer, compute_dtype, skip_m
         str(writer.out), peft_target_modules(targeted, linears), s.rank, s.lora_alpha, s.use_rslora))
 
 
-def _report(s: ConvertSettings, source: ModelSource, quantizer, reports, batches, calibration_seconds, started) -> dict:
+def _report(s: ConvertSettings, source: ModelSource, quantizer, reports, batches, calibration_seconds, layer_seconds,
+            started) -> dict:
     import bitsandbytes
     import peft
     import transformers
@@ -311,7 +316,8 @@ def _report(s: ConvertSettings, source: ModelSource, quantizer, reports, batches
         "modules": [asdict(r) for r in reports],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__},
-        "timings": {"calibration_seconds": calibration_seconds, "total_seconds": time.perf_counter() - started},
+        "timings": {"calibration_seconds": calibration_seconds, "layer_seconds": layer_seconds,
+                    "total_seconds": time.perf_counter() - started},
         "peak_rss_bytes": _peak_rss_bytes(),
     }
 

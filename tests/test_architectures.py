@@ -135,16 +135,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    spinning threads make SVD/eigh 10-100x slower; restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     return write_text_calibration(tmp_path_factory.mktemp("calib") / "calib.jsonl")
