@@ -8,6 +8,10 @@ import sys
 import typer
 
 from quailora_cli import convert as _convert_commands  # noqa: F401  registers `convert`
+from quailora_cli import demo as _demo_commands  # noqa: F401  registers `demo`
+from quailora_cli import evaluate as _evaluate_commands  # noqa: F401  registers `eval`
+from quailora_cli import inspect_bundle as _inspect_commands  # noqa: F401  registers `inspect`
+from quailora_cli import publish as _publish_commands  # noqa: F401  registers `push-to-hub`
 from quailora_cli.app import app
 from quailora_convert.errors import QuailoraError
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from . import calib_presets
 from .errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,9 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n{output}"
 )
 
-# Named sources (Hub datasets) plug in here: name -> function returning the formatted texts.
-CALIBRATION_PRESETS: dict[str, Callable[[], list[str]]] = {}
+# Named sources plug in here: name -> function returning the formatted texts, or a Hub preset
+# (calib_presets.HubPreset: dataset, files, formatter as data) read with a seeded record selection.
+CALIBRATION_PRESETS: dict[str, Callable[[], list[str]] | calib_presets.HubPreset] = dict(calib_presets.HUB_PRESETS)
 
 
 @dataclass
@@ -54,14 +56,29 @@ def format_record(record: object, where: str) -> str:
     raise BadInputError(f"{where}: expected Alpaca records (instruction/input/output) or a 'text' field")
 
 
-def read_texts(source: str) -> list[str]:
-    """Formatted calibration documents from a preset name or a local .json/.jsonl/.txt file."""
-    if source in CALIBRATION_PRESETS:
-        return CALIBRATION_PRESETS[source]()
+def read_texts(source: str, split: str | None = None, field: str | None = None, max_records: int | None = None,
+               seed: int = 0) -> list[str]:
+    """Formatted calibration documents from a preset, a Hub dataset id or a local .json/.jsonl/.txt file.
+
+    split/field apply to Hub datasets (field not to presets, which have their own formatter); of a Hub
+    split at most max_records records, drawn with seed, are read. Local files are read whole.
+    """
+    preset = CALIBRATION_PRESETS.get(source)
+    if preset is not None and field is not None:
+        raise BadInputError(f"--calib-field does not apply to the preset {source!r} (it has its own formatter)")
+    if isinstance(preset, calib_presets.HubPreset):
+        return calib_presets.load_preset_texts(source, preset, split, max_records, seed)
+    if preset is not None:
+        return preset()
     path = Path(source)
+    if not path.exists() and calib_presets.looks_like_hub_id(source):
+        return calib_presets.load_hub_texts(source, split, field, max_records, seed)
+    if path.is_file() and (split is not None or field is not None):
+        raise BadInputError(f"--calib-split/--calib-field apply to Hub datasets, not to the file {source}")
     if not path.is_file():
         presets = ", ".join(sorted(CALIBRATION_PRESETS)) or "none yet"
-        raise BadInputError(f"--calib {source!r} is not a file; give a .json, .jsonl or .txt file (presets: {presets})")
+        raise BadInputError(f"--calib {source!r} is not a file; give a .json, .jsonl or .txt file, a Hub dataset "
+                            f"id org/name, or a preset ({presets})")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return [path.read_text(encoding="utf-8")]

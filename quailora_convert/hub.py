@@ -20,14 +20,19 @@ class ModelSource:
     folder: Path
     repo_id: str | None = None  # None for a local folder
     commit: str | None = None
+    gguf: str | None = None  # the .gguf file MODEL named; folder is then a temporary dequantized copy
 
 
 def resolve_model(model: str, revision: str | None = None) -> ModelSource:
     path = Path(model).expanduser()
     if path.is_dir():
         return ModelSource(path.resolve())
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf_source import temporary_folder  # dequantized in full: GGUF cannot be streamed
+
+        return ModelSource(temporary_folder(path), gguf=str(path.resolve()))
     if path.exists():
-        raise BadInputError(f"MODEL {model} is a file; give a model folder with config.json and safetensors shards, or a Hub id")
+        raise BadInputError(f"MODEL {model} is a file; give a model folder with config.json and safetensors shards, a .gguf file, or a Hub id")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise BadInputError(f"MODEL {model}: no such folder")
     return _download(model, revision)

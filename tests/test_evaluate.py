@@ -1,0 +1,119 @@
+"""eval: perplexity rows and quailora_eval.json on a tiny bundle; progress output (rich, plain, --quiet)."""
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from quailora_cli.main import app
+from quailora_cli.progress import PLAIN, RICH, Reporter
+from quailora_convert.evaluate import EVAL_NAME, ROW_BUNDLE, ROW_INT8, ROW_PLAIN, EvalSettings, evaluate
+from quailora_convert.pipeline import ConvertSettings, Event, convert
+from test_cli import run_cli
+from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
+
+TQDM_OR_ANSI = ("\r", "\x1b[", "it/s]")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    source = save_tiny(tiny_llama_config(), root / "source")
+    calib = write_text_calibration(root / "calib.jsonl")
+    heldout = write_text_calibration(root / "heldout.jsonl", count=12, seed=7)
+    bundle = convert(ConvertSettings(model=str(source), out=root / "bundle", calib=str(calib), rank=8,
+                                     num_samples=16, seq_len=32))
+    return source, calib, heldout, bundle
+
+
+def test_eval_rows_json_shape_and_adapter_effect(tiny, tmp_path):
+    source, _, heldout, bundle = tiny
+    result = evaluate(EvalSettings(bundle=bundle, data=str(heldout), num_samples=8, seq_len=32,
+                                   json_path=tmp_path / "copy.json"))
+    written = json.loads((bundle / EVAL_NAME).read_text())
+    assert written == json.loads((tmp_path / "copy.json").read_text())
+    assert {"rows", "gap_closed", "data"} <= set(written)
+    assert all(set(row) == {"model", "perplexity"} for row in written["rows"])
+    assert isinstance(written["data"], str) and str(heldout) in written["data"]
+    ppl = {row["model"]: row["perplexity"] for row in written["rows"]}
+    assert len(ppl) == 4 and ROW_INT8 in ppl and any(name.startswith("source (") for name in ppl)
+    assert all(math.isfinite(v) and v > 1 for v in ppl.values())
+    assert ppl[ROW_PLAIN] != ppl[ROW_BUNDLE]  # disabling the adapter changes the model
+    assert written["gap_closed"] is None or math.isfinite(written["gap_closed"])
+    assert written["gap_closed"] == result["gap_closed"]
+    assert written["details"][0]["tokens"] > 8
+
+
+def test_eval_without_source_keeps_the_bundle_rows(tiny, tmp_path):
+    _, _, heldout, bundle = tiny
+    result = evaluate(EvalSettings(bundle=bundle, data=str(heldout), num_samples=4, seq_len=16,
+                                   source=None, skip_source=True, json_path=tmp_path / "r.json"))
+    assert [row["model"] for row in result["rows"]] == [ROW_PLAIN, ROW_BUNDLE]
+    assert result["gap_closed"] is None
+
+
+def test_eval_through_cli_runner_prints_table(tiny, tmp_path):
+    _, _, heldout, bundle = tiny
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(bundle), "--data", str(heldout), "--num-samples", "4",
+                                      "--seq-len", "16", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ROW_BUNDLE in result.output and "perplexity" in result.output
+    assert not any(s in result.output for s in TQDM_OR_ANSI)
+    assert len(json.loads(out.read_text())["rows"]) == 4
+
+
+def test_eval_subprocess_quiet_prints_only_the_json_path(tiny, tmp_path):
+    _, _, heldout, bundle = tiny
+    result = run_cli("eval", bundle, "--data", heldout, "--num-samples", "4", "--seq-len", "16", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(bundle / EVAL_NAME)
+
+
+def test_eval_refuses_a_folder_that_is_not_a_bundle(tiny):
+    source, _, heldout, _ = tiny
+    result = run_cli("eval", source, "--data", heldout)
+    assert result.returncode == 2 and "not a QuAILoRA bundle" in result.stderr
+
+
+def test_convert_quiet_prints_only_the_path(tiny, tmp_path):
+    source, calib, _, _ = tiny
+    result = run_cli(source, "--calib", calib, "--out", tmp_path / "q", "--rank", "4", "--num-samples", "4",
+                     "--seq-len", "16", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str((tmp_path / "q").resolve())
+
+
+def test_convert_non_tty_is_line_based_with_eta_summary_and_eval(tiny, tmp_path):
+    source, calib, heldout, _ = tiny
+    result = run_cli(source, "--calib", calib, "--out", tmp_path / "b", "--rank", "4", "--num-samples", "4",
+                     "--seq-len", "16", "--eval", "--eval-data", heldout, "--eval-num-samples", "4",
+                     "--eval-seq-len", "16")
+    assert result.returncode == 0, result.stderr
+    assert not any(s in result.stdout + result.stderr for s in TQDM_OR_ANSI), result.stdout + result.stderr
+    assert "layer 2/2 done" in result.stdout and "eta" in result.stdout
+    for key in ("mean calibrated-error reduction", "bundle size on disk", "peak memory", ROW_BUNDLE):
+        assert key in result.stdout
+    assert (tmp_path / "b" / EVAL_NAME).exists()
+
+
+def test_rich_reporter_draws_bars_and_tables(tiny):
+    _, _, _, bundle = tiny
+    report = json.loads((bundle / "quailora_report.json").read_text())
+    buffer = io.StringIO()
+    from rich.console import Console
+
+    console = Console(file=buffer, force_terminal=True, width=120)
+    with Reporter(RICH, console) as reporter:
+        reporter(Event("calibrated", {"samples": 4, "seconds": 0.1}))
+        for i in range(3):
+            reporter(Event("layer", {"index": i, "count": 3, "seconds": 0.1}))
+        reporter(Event("done", {"out": str(bundle), "report": report}))
+    text = buffer.getvalue()
+    assert "quantize + solve + write layers" in text and "3/3" in text and "conversion summary" in text
+    plain = io.StringIO()
+    with Reporter(PLAIN, Console(file=plain, width=120)) as reporter:
+        reporter(Event("done", {"out": str(bundle), "report": report}))
+    assert "mean calibrated-error reduction" in plain.getvalue() and "\x1b[" not in plain.getvalue()
