@@ -25,7 +25,6 @@ import argparse
 import gc
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -102,31 +101,12 @@ def heldout_sequences(tokenizer, path: Path, records: int, seed: int, max_len: i
 
 
 def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int) -> dict:
-    import torch
+    """The library's perplexity (quailora_convert.evaluate), under this script's key names."""
+    from quailora_convert.evaluate import perplexity as measure
 
-    model.eval()
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths per batch
-    nll, count = 0.0, 0
-    started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = [sequences[i] for i in order[start:start + batch_size]]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            logits = logits[:, :-1].float()
-            targets = ids[:, 1:]
-            keep = mask[:, 1:].bool()
-            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                       reduction="none").view_as(targets)
-            nll += float(losses[keep].double().sum())
-            count += int(keep.sum())
-            del logits, losses
-    return {"ppl": math.exp(nll / count), "nll_sum": nll, "tokens": count, "eval_seconds": time.perf_counter() - started}
+    result = measure(model, sequences, batch_size, pad_id)
+    return {"ppl": result["perplexity"], "nll_sum": result["nll_sum"], "tokens": result["tokens"],
+            "eval_seconds": result["seconds"]}
 
 
 def evaluate(name: str, loader, sequences, args, pad_id, results: dict, json_path: Path | None, context=None) -> dict:

@@ -70,16 +70,3 @@ def convert(
         typer.echo(str(path))
         return
     typer.echo(f"bundle written to {path}")
-
-
-def _print_event(event) -> None:
-    data = event.data
-    if event.kind == "resolved":
-        typer.echo(f"model: {data['repo_id'] or data['folder']}" + (f" @ {data['commit']}" if data["commit"] else ""))
-    elif event.kind == "calibrated":
-        typer.echo(f"calibration: {data['samples']} samples captured in {data['seconds']:.1f}s")
-    elif event.kind == "layer":
-        typer.echo(f"layer {data['index'] + 1}/{data['count']} done in {data['seconds']:.1f}s")
-    elif event.kind == "done":
-        summary = data["report"]["summary"]
-        typer.echo(f"{summary['modules']} modules: calibrated error {summary['relative_error_after']:.1%} of plain quantization")

@@ -84,3 +84,19 @@ def use_float32_compute(model: torch.nn.Module) -> None:
     for module in quantized_linears(model).values():
         if isinstance(module, bnb.nn.Linear4bit):
             module.compute_dtype = torch.float32
+
+
+def assert_bundle_matches_reference(source: Path, bundle: Path, ids: torch.Tensor, atol: float = 1e-4) -> None:
+    """The loaded bundle (float32, train mode) computes Q + scaling * B @ A, and the adapter matters."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
+    use_float32_compute(model)
+    model.train()  # as when fine-tuning (no dropout here); eval on AVX512-BF16 CPUs swaps in a bf16 kernel
+    reference = reference_model(source, bundle)
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+        assert torch.allclose(got, want, atol=atol, rtol=1e-4), (got - want).abs().max()
+        with model.disable_adapter():
+            plain = model(ids).logits
+    assert not torch.allclose(plain, want, atol=1e-3)  # the adapter does something

@@ -18,7 +18,7 @@ from torch import nn
 
 from quailora_convert.errors import UnsupportedModelError
 from quailora_convert.pipeline import ConvertSettings, convert
-from reference import bundle_tensors, dequantize_saved, quantized_linears, reference_model, use_float32_compute
+from reference import assert_bundle_matches_reference, bundle_tensors, dequantize_saved, quantized_linears
 from tiny_models import VOCAB, save_tiny, write_text_calibration
 
 TOKENS = dict(vocab_size=VOCAB, pad_token_id=1, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
@@ -193,18 +193,8 @@ def test_bundle_loads_quantized_and_only_lora_trains(converted):
 
 def test_bundle_logits_match_float32_reference(converted):
     _, source, bundle = converted
-    model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
-    use_float32_compute(model)
-    model.train()  # as when fine-tuning (no dropout here); eval on AVX512-BF16 CPUs swaps in a bf16 kernel
-    reference = reference_model(source, bundle)
     torch.manual_seed(0)
-    ids = torch.randint(4, VOCAB, (2, 40))  # longer than Gemma's sliding window of 16
-    with torch.no_grad():
-        got, want = model(ids).logits, reference(ids).logits
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-    with torch.no_grad(), model.disable_adapter():
-        plain = model(ids).logits
-    assert not torch.allclose(plain, want, atol=1e-3)  # the adapter does something
+    assert_bundle_matches_reference(source, bundle, torch.randint(4, VOCAB, (2, 40)))  # longer than the sliding window of 16
 
 
 def test_report_errors_decrease_and_groups_follow_shared_inputs(converted):

@@ -2,7 +2,6 @@
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

@@ -6,7 +6,7 @@ import torch
 from peft import AutoPeftModelForCausalLM
 
 from quailora_convert.pipeline import ConvertSettings, convert
-from reference import dequantize_loaded, dequantize_saved, bundle_tensors, quantized_linears, reference_model, use_float32_compute
+from reference import assert_bundle_matches_reference, bundle_tensors, dequantize_loaded, dequantize_saved, quantized_linears
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
 
@@ -42,17 +42,7 @@ def test_loaded_base_is_bit_identical_to_saved_q(tiny_bundle):
 
 def test_bundle_logits_match_float32_reference(tiny_bundle):
     source, bundle = tiny_bundle
-    model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
-    use_float32_compute(model)
-    model.train()  # as when fine-tuning (no dropout here); eval on AVX512-BF16 CPUs swaps in a bf16 kernel
-    reference = reference_model(source, bundle)
-    ids = torch.randint(4, 500, (2, 24))
-    with torch.no_grad():
-        got, want = model(ids).logits, reference(ids).logits
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-    with torch.no_grad(), model.disable_adapter():
-        plain = model(ids).logits
-    assert not torch.allclose(plain, want, atol=1e-3)  # the adapter does something
+    assert_bundle_matches_reference(source, bundle, torch.randint(4, 500, (2, 24)))
 
 
 def test_report_shows_error_reduction_per_module(tiny_bundle):
