@@ -51,3 +51,34 @@ def test_uncached_repo_offline_is_one_actionable_line(hub_cache):
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(BadInputError, match="no such folder"):
         resolve_model(str(tmp_path / "nope"))
+
+
+@pytest.fixture
+def hub_answering(monkeypatch, tmp_path):
+    """Route huggingface_hub's own HTTP client to a handler that answers every request with one error."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def install(status: int, error_code: str | None, message: str):
+        def handler(request):
+            headers = {"X-Error-Message": message, **({"X-Error-Code": error_code} if error_code else {})}
+            return httpx2.Response(status, headers=headers, json={"error": message})
+
+        _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+    yield install
+    _http.set_client_factory(_http.default_client_factory)
+
+
+@pytest.mark.parametrize("status,code,message", [
+    (401, "GatedRepo", "accept its licence on huggingface.co and set HF_TOKEN"),
+    (404, "RepoNotFound", "not found on the Hub"),
+    (404, "RevisionNotFound", "revision 'v9' not found"),
+])
+def test_hub_download_errors_are_one_actionable_line(hub_answering, status, code, message):
+    hub_answering(status, code, "refused by the fake hub")
+    with pytest.raises(BadInputError, match=message) as error:
+        resolve_model("org/some-model", revision="v9")
+    assert "\n" not in str(error.value) and error.value.__cause__ is not None
