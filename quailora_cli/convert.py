@@ -39,6 +39,8 @@ def convert(
     seed: Annotated[int, typer.Option("--seed", help="Seed of calibration sampling.")] = 0,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept pickle-only (.bin) weights; unpickling can run code.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own modeling code (auto_map).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the bundle's path.")] = False,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then run `eval` on the bundle (see eval --help).")] = False,
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="--data of --eval (default: self).")] = None,
@@ -54,6 +56,7 @@ def convert(
         bits=bits, rank=rank, lora_alpha=lora_alpha, use_rslora=use_rslora,
         solver=solver, als_steps=als_steps, target_modules=targets, num_samples=num_samples, seq_len=seq_len,
         batch_size=batch_size, device=device, seed=seed, revision=revision, overwrite=overwrite,
+        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
     )
     from quailora_cli.progress import Reporter, choose_mode
 

@@ -52,10 +52,7 @@ def _key_to_file(folder: Path) -> dict[str, str]:
         with safe_open(str(single), framework="pt") as f:
             return {k: SINGLE_NAME for k in f.keys()}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise UnsupportedModelError(
-            f"{folder} holds only pickle (.bin) weights; convert them to safetensors first "
-            "(e.g. model.save_pretrained(dir, safe_serialization=True))"
-        )
+        raise UnsupportedModelError(f"{folder} holds only pickle (.bin) weights; pass --allow-pickle if you trust them")
     raise BadInputError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}")
 
 

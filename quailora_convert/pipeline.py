@@ -50,6 +50,8 @@ class ConvertSettings:
     seed: int = 0
     revision: str | None = None
     overwrite: bool = False
+    allow_pickle: bool = False  # pytorch_model*.bin sources: unpickling can run code
+    trust_remote_code: bool = False  # models whose config.json names custom code (auto_map)
     max_shard_bytes: int = 1 << 30
 
 
@@ -93,11 +95,11 @@ def convert(settings: ConvertSettings, on_event: Callable[[Event], None] = lambd
     quantizer = quantizer_for(settings.bits)
     if Path(settings.model).suffix.lower() == ".gguf":
         on_event(Event("status", {"message": "dequantizing the GGUF file (read in full, not streamed)"}))
-    source = resolve_model(settings.model, settings.revision)
+    source = resolve_model(settings.model, settings.revision, settings.allow_pickle, settings.trust_remote_code)
     on_event(Event("resolved", {"folder": str(source.folder), "repo_id": source.repo_id, "commit": source.commit,
                                 "gguf": source.gguf}))
 
-    model, tokenizer = _skeleton(source.folder, device)
+    model, tokenizer = _skeleton(source.folder, device, settings.trust_remote_code)
     layers_path, layers = architectures.find_decoder_layers(model)
     targets = _targets(layers, layers_path, settings.target_modules)
     reader = checkpoint.CheckpointReader(source.folder)
@@ -162,7 +164,7 @@ def _validate(s: ConvertSettings) -> None:
         raise BadInputError(f"--bits must be 4 (NF4) or 8 (int8), got {s.bits}")
 
 
-def _skeleton(folder: Path, device: torch.device) -> tuple[nn.Module, object]:
+def _skeleton(folder: Path, device: torch.device, trust_remote_code: bool) -> tuple[nn.Module, object]:
     """The model built on the meta device from config.json; buffers (rotary tables) are real.
 
     Attention is transformers' default: SDPA where the architecture supports it, else eager
@@ -171,15 +173,24 @@ def _skeleton(folder: Path, device: torch.device) -> tuple[nn.Module, object]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(folder)
+    _check_remote_code(folder, trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=CALIBRATION_DTYPE)
+        model = AutoModelForCausalLM.from_config(config, dtype=CALIBRATION_DTYPE, trust_remote_code=trust_remote_code)
     model.eval()
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             module._buffers[name] = buffer.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """Custom modeling code (config.json's auto_map) runs only when the user says so."""
+    auto_map = json.loads((Path(folder) / "config.json").read_text()).get("auto_map") or {}
+    if "AutoModelForCausalLM" in auto_map and not trust_remote_code:
+        raise BadInputError(f"this model runs its own code ({auto_map['AutoModelForCausalLM']}); read it, then pass "
+                            "--trust-remote-code to allow it")
 
 
 def _targets(layers: nn.ModuleList, layers_path: str, target_modules) -> list[dict[str, nn.Module]]:
