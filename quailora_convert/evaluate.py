@@ -71,8 +71,9 @@ def evaluate(settings: EvalSettings, on_event: Callable[[Event], None] = lambda 
     if source_folder is not None:
         loaders.append((f"{ROW_SOURCE} ({str(dtype).removeprefix('torch.')})", lambda: _load_source(source_folder, dtype), False))
         loaders.append((ROW_INT8, lambda: _load_source(source_folder, dtype, int8=True), False))
-    loaders.append((ROW_PLAIN, lambda: _load_bundle(bundle, dtype), True))
-    loaders.append((ROW_BUNDLE, lambda: _load_bundle(bundle, dtype), False))
+    load_bundle = _once(lambda: _load_bundle(bundle, dtype))  # one load serves both bundle rows
+    loaders.append((ROW_PLAIN, load_bundle, True))
+    loaders.append((ROW_BUNDLE, load_bundle, False))
 
     rows, details = [], []
     for index, (name, load, disable_adapter) in enumerate(loaders):
@@ -101,6 +102,18 @@ def evaluate(settings: EvalSettings, on_event: Callable[[Event], None] = lambda 
     write_result(bundle, result, settings.json_path)
     on_event(Event("eval_done", {"result": result}))
     return result
+
+
+def _once(load: Callable[[], object]) -> Callable[[], object]:
+    """A loader that loads on its first call and returns that same object afterwards."""
+    cache: list = []
+
+    def get():
+        if not cache:
+            cache.append(load())
+        return cache[0]
+
+    return get
 
 
 def write_result(bundle: Path, result: dict, json_path: Path | None = None) -> None:
