@@ -130,6 +130,13 @@ def sample_token_sequences(texts: list[str], tokenizer, num_samples: int, seq_le
     return rng.sample(sequences, num_samples)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding (masked out everywhere): pad, else eos, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
 def make_batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> list[CalibrationBatch]:
     """Right-padded batches; the attention mask marks the real tokens."""
     batches = []

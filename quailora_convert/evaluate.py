@@ -62,7 +62,7 @@ def evaluate(settings: EvalSettings, on_event: Callable[[Event], None] = lambda 
         raise BadInputError("--num-samples and --batch-size must be >= 1, --seq-len >= 2")
     source_folder, source_note = (None, "skipped") if settings.skip_source else _source_folder(settings, report, on_event)
     tokenizer = AutoTokenizer.from_pretrained(bundle)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = calibration.pad_token_id(tokenizer)
     sequences, data = _heldout(settings, report, source_folder, tokenizer, on_event)
     dtype = _eval_dtype(bundle)
     bits = report["quantization"]["bits"]

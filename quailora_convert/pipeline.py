@@ -213,7 +213,7 @@ def _calibration_batches(s: ConvertSettings, tokenizer, folder: Path, device, on
         # Hub sources: a seeded selection of 2x --num-samples records (spares for ones that tokenize to nothing)
         texts = calibration.read_texts(s.calib, s.calib_split, s.calib_field, max_records=2 * s.num_samples, seed=s.seed)
     sequences = calibration.sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = calibration.pad_token_id(tokenizer)
     return calibration.make_batches(sequences, s.batch_size, pad_id)
 
 
