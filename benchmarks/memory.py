@@ -13,7 +13,7 @@ prints layers, source size, wall time and peak RSS. Exits 1 if peak(deep) / peak
 
 Peak RSS per child is read with os.wait4 (that child's own rusage; RUSAGE_CHILDREN would report the
 maximum over all children so far) and compared with the bundle report's peak_rss_bytes. The child
-runs quailora_convert.pipeline.convert() and prints VmRSS / RssAnon / RssFile after every layer
+runs quailora_convert.convert.convert() (with the CLI's allocator setting) and prints VmRSS / RssAnon / RssFile after every layer
 (--cli runs the quailora-convert console script instead, without that trace).
 """
 from __future__ import annotations
@@ -97,7 +97,9 @@ def child_main(argv: list[str]) -> None:
     import resource
 
     model, out, calib, n, seq, rank, bits, solver = argv
-    from quailora_convert.pipeline import ConvertSettings, convert
+    from quailora_convert.convert import ConvertSettings, convert
+    from quailora_convert.convert.allocator import serve_large_blocks_from_mmap
+    from quailora_convert.events import LayerConverted
 
     trim = os.environ.get("MEMBENCH_MALLOC_TRIM") == "1"  # investigation: malloc_trim(0) after each event
     live = os.environ.get("MEMBENCH_LIVE_TENSORS") == "1"  # investigation: bytes of tensors reachable by gc
@@ -106,10 +108,9 @@ def child_main(argv: list[str]) -> None:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
 
-    def on_event(event):
+    def trace(tag: str) -> None:
         s = proc_status()
-        tag = event.kind if event.kind != "layer" else f"layer {event.data['index'] + 1}/{event.data['count']}"
-        line = (f"  [rss] {tag:<12} VmRSS {s['VmRSS'] / MiB:8.1f}  RssAnon {s['RssAnon'] / MiB:8.1f}  "
+        line = (f"  [rss] {tag:<16} VmRSS {s['VmRSS'] / MiB:8.1f}  RssAnon {s['RssAnon'] / MiB:8.1f}  "
                 f"RssFile {s['RssFile'] / MiB:8.1f}  VmHWM {s['VmHWM'] / MiB:8.1f} MiB")
         if live:
             line += f"  live tensors {live_tensor_bytes() / MiB:8.1f} MiB"
@@ -118,9 +119,13 @@ def child_main(argv: list[str]) -> None:
             line += f"  after malloc_trim: RssAnon {proc_status()['RssAnon'] / MiB:8.1f}"
         print(line, flush=True)
 
+    def on_event(event) -> None:
+        trace(f"layer {event.index + 1}/{event.count}" if isinstance(event, LayerConverted) else type(event).__name__)
+
     settings = ConvertSettings(model=model, out=Path(out), calib=calib, num_samples=int(n), seq_len=int(seq),
                                rank=int(rank), bits=int(bits), solver=solver, device="cpu", overwrite=True)
-    on_event(type("E", (), {"kind": "start", "data": {}})())
+    serve_large_blocks_from_mmap()  # as the CLI does before a conversion
+    trace("start")
     convert(settings, on_event=on_event)
     gc.collect()
     print(f"  [rss] ru_maxrss(self) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB", flush=True)

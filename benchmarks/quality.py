@@ -1,7 +1,7 @@
 """Held-out perplexity of QuAILoRA bundles against plain NF4 (QLoRA), bnb int8 and the source.
 
 Held-out text: --records records of an Alpaca file (default ../shared/data/calib/code_alpaca_2k.json),
-chosen with random.Random(--seed), formatted with quailora_convert.calibration.format_alpaca,
+chosen with random.Random(--seed), formatted with quailora_convert.calibration.formats.format_alpaca,
 truncated to --max-len tokens. Perplexity is token level: exp(sum NLL / predicted tokens), padding
 excluded. Every model is evaluated in eval mode under torch.no_grad() with bf16 as the load dtype
 (the source is stored in bf16 and the bundles' compute dtype is bf16), so all rows share one setting.
@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def base_fingerprint(bundle: Path) -> str:
 
 # -- perplexity -----------------------------------------------------------------------------------
 def heldout_sequences(tokenizer, path: Path, records: int, seed: int, max_len: int) -> list[list[int]]:
-    from quailora_convert.calibration import format_alpaca
+    from quailora_convert.calibration.formats import format_alpaca
 
     data = json.loads(path.read_text())
     chosen = random.Random(seed).sample(range(len(data)), min(records, len(data)))
@@ -114,7 +115,7 @@ def evaluate(name: str, loader, sequences, args, pad_id, results: dict, json_pat
         print(f"{name}: reusing ppl {results['models'][name]['ppl']:.4f}", flush=True)
         return results["models"][name]
     model = loader()
-    with (context(model) if context else _null()):
+    with (context(model) if context else nullcontext()):
         row = perplexity(model, sequences, args.batch_size, pad_id)
     row["dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point()))
     results["models"][name] = row
@@ -124,14 +125,6 @@ def evaluate(name: str, loader, sequences, args, pad_id, results: dict, json_pat
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
     return row
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def main() -> int:
@@ -190,10 +183,12 @@ def main() -> int:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from quailora_convert.calibration.batches import pad_token_id
+
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.source)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     sequences = heldout_sequences(tokenizer, args.heldout, args.records, args.seed, args.max_len)
     results["heldout"] = {"file": str(args.heldout), "records": len(sequences),
                           "tokens": sum(len(s) for s in sequences)}

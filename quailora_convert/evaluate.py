@@ -23,19 +23,24 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import calibration, self_calibration
-from .bundle import REPORT_NAME
+from .bundle.layout import ADAPTER_CONFIG, EVAL, REPORT, config_dtype, read_config
+from .bundle.read import read_json
+from .calibration import self_generated
+from .calibration.batches import make_batches, pad_token_id, sample_token_sequences
+from .calibration.texts import read_texts
 from .errors import BadInputError
-from .pipeline import Event
+from .events import EvalBatchDone, EvalDone, EvalModelStarted, EvalRowDone, Listener, Status, TextGenerated, ignore
+from .sources.resolve import ModelSource, open_model
 
 log = logging.getLogger(__name__)
-EVAL_NAME = "quailora_eval.json"
 ROW_SOURCE, ROW_INT8, ROW_PLAIN, ROW_BUNDLE = "source", "source int8 (LLM.int8)", "QLoRA (adapter disabled)", "QuAILoRA bundle"
 
 
@@ -52,42 +57,30 @@ class EvalSettings:
     skip_source: bool = False  # only the two bundle rows
 
 
-def evaluate(settings: EvalSettings, on_event: Callable[[Event], None] = lambda e: None) -> dict:
-    """Compute every row, write quailora_eval.json into the bundle (and json_path); return the result."""
+def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, source: ModelSource | None = None) -> dict:
+    """Compute every row, write quailora_eval.json into the bundle (and json_path); return the result.
+
+    source: the source model already opened with sources.resolve.open_model (e.g. the one a conversion
+    just read); default: opened here from settings.source or the MODEL the report names.
+    """
     from transformers import AutoTokenizer
 
     bundle = Path(settings.bundle)
     report = _read_report(bundle)
     if settings.num_samples < 1 or settings.seq_len < 2 or settings.batch_size < 1:
         raise BadInputError("--num-samples and --batch-size must be >= 1, --seq-len >= 2")
-    source_folder, source_note = (None, "skipped") if settings.skip_source else _source_folder(settings, report, on_event)
-    tokenizer = AutoTokenizer.from_pretrained(bundle)
-    pad_id = calibration.pad_token_id(tokenizer)
-    sequences, data = _heldout(settings, report, source_folder, tokenizer, on_event)
-    dtype = _eval_dtype(bundle)
+    with ExitStack() as stack:
+        if settings.skip_source:
+            source_folder, source_note = None, "skipped"
+        else:
+            source_folder, source_note = _source_folder(settings, report, source, stack, on_event)
+        tokenizer = AutoTokenizer.from_pretrained(bundle)
+        sequences, data = _heldout(settings, report, source_folder, tokenizer, on_event)
+        dtype = config_dtype(read_config(bundle)) or torch.float32
+        rows, details = _perplexities(_loaders(bundle, source_folder, dtype), sequences, settings.batch_size,
+                                      pad_token_id(tokenizer), on_event)
+
     bits = report["quantization"]["bits"]
-
-    loaders: list[tuple[str, Callable[[], object], bool]] = []
-    if source_folder is not None:
-        loaders.append((f"{ROW_SOURCE} ({str(dtype).removeprefix('torch.')})", lambda: _load_source(source_folder, dtype), False))
-        loaders.append((ROW_INT8, lambda: _load_source(source_folder, dtype, int8=True), False))
-    load_bundle = _once(lambda: _load_bundle(bundle, dtype))  # one load serves both bundle rows
-    loaders.append((ROW_PLAIN, load_bundle, True))
-    loaders.append((ROW_BUNDLE, load_bundle, False))
-
-    rows, details = [], []
-    for index, (name, load, disable_adapter) in enumerate(loaders):
-        on_event(Event("eval_model", {"model": name, "index": index, "count": len(loaders)}))
-        model = load()
-        with (model.disable_adapter() if disable_adapter else _nothing()):
-            result = perplexity(model, sequences, settings.batch_size, pad_id, lambda done, total: on_event(
-                Event("eval_batch", {"model": name, "done": done, "total": total})))
-        del model
-        gc.collect()
-        rows.append({"model": name, "perplexity": result["perplexity"]})
-        details.append({"model": name, **result})
-        on_event(Event("eval_row", rows[-1]))
-
     by_name = {r["model"]: r["perplexity"] for r in rows}
     gap = None
     if bits == 4 and ROW_INT8 in by_name and by_name[ROW_PLAIN] != by_name[ROW_INT8]:
@@ -100,25 +93,42 @@ def evaluate(settings: EvalSettings, on_event: Callable[[Event], None] = lambda 
         "source": source_note, "bits": bits,
     }
     write_result(bundle, result, settings.json_path)
-    on_event(Event("eval_done", {"result": result}))
+    on_event(EvalDone(result))
     return result
 
 
-def _once(load: Callable[[], object]) -> Callable[[], object]:
-    """A loader that loads on its first call and returns that same object afterwards."""
-    cache: list = []
+def _loaders(bundle: Path, source_folder: Path | None, dtype: torch.dtype) -> list[tuple[str, Callable[[], object], bool]]:
+    """(row name, model loader, adapter disabled) for every row, in table order."""
+    loaders: list[tuple[str, Callable[[], object], bool]] = []
+    if source_folder is not None:
+        loaders.append((f"{ROW_SOURCE} ({str(dtype).removeprefix('torch.')})", lambda: _load_source(source_folder, dtype), False))
+        loaders.append((ROW_INT8, lambda: _load_source(source_folder, dtype, int8=True), False))
+    load_bundle = cache(lambda: _load_bundle(bundle, dtype))  # one load serves both bundle rows
+    loaders.append((ROW_PLAIN, load_bundle, True))
+    loaders.append((ROW_BUNDLE, load_bundle, False))
+    return loaders
 
-    def get():
-        if not cache:
-            cache.append(load())
-        return cache[0]
 
-    return get
+def _perplexities(loaders, sequences: list[list[int]], batch_size: int, pad_id: int,
+                  on_event: Listener) -> tuple[list[dict], list[dict]]:
+    rows, details = [], []
+    for index, (name, load, disable_adapter) in enumerate(loaders):
+        on_event(EvalModelStarted(name, index, len(loaders)))
+        model = load()
+        with (model.disable_adapter() if disable_adapter else nullcontext()):
+            result = perplexity(model, sequences, batch_size, pad_id,
+                                lambda done, total: on_event(EvalBatchDone(name, done, total)))
+        del model
+        gc.collect()
+        rows.append({"model": name, "perplexity": result["perplexity"]})
+        details.append({"model": name, **result})
+        on_event(EvalRowDone(name, result["perplexity"]))
+    return rows, details
 
 
 def write_result(bundle: Path, result: dict, json_path: Path | None = None) -> None:
     text = json.dumps(result, indent=2) + "\n"
-    (Path(bundle) / EVAL_NAME).write_text(text)
+    (Path(bundle) / EVAL).write_text(text)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text)
@@ -130,7 +140,7 @@ def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int,
     model.eval()
     device = next(p.device for p in model.parameters())
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batches = calibration.make_batches([sequences[i] for i in order], batch_size, pad_id)
+    batches = make_batches([sequences[i] for i in order], batch_size, pad_id)
     nll, count, started = 0.0, 0, time.perf_counter()
     with torch.no_grad():
         for done, batch in enumerate(batches, 1):
@@ -148,64 +158,54 @@ def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int,
 
 
 def _read_report(bundle: Path) -> dict:
-    path = bundle / REPORT_NAME
     if not bundle.is_dir():
         raise BadInputError(f"DIR {bundle}: no such folder")
-    if not path.exists() or not (bundle / "adapter_config.json").exists():
-        raise BadInputError(f"{bundle} is not a QuAILoRA bundle (no {REPORT_NAME} or adapter_config.json)")
-    return json.loads(path.read_text())
+    if not (bundle / REPORT).exists() or not (bundle / ADAPTER_CONFIG).exists():
+        raise BadInputError(f"{bundle} is not a QuAILoRA bundle (no {REPORT} or {ADAPTER_CONFIG})")
+    return read_json(bundle / REPORT, "the conversion report")
 
 
-def _source_folder(s: EvalSettings, report: dict, on_event) -> tuple[Path | None, str]:
-    """The source model's folder, or None with the reason (the source rows are then left out)."""
-    from .hub import resolve_model
-
-    model = s.source or report["source"]["model"]
+def _source_folder(s: EvalSettings, report: dict, source: ModelSource | None, stack: ExitStack,
+                   on_event: Listener) -> tuple[Path | None, str]:
+    """The source model's folder (kept open on stack), or None with the reason (the source rows are then left out)."""
+    model = str(s.source or report["source"]["model"])
+    if source is not None:
+        return source.folder, model
     revision = None if s.source else report["source"].get("commit")
-    if str(model).lower().endswith(".gguf"):
-        on_event(Event("status", {"message": "dequantizing the GGUF source"}))
     try:
-        folder = resolve_model(str(model), revision).folder
+        opened = stack.enter_context(open_model(model, revision, on_status=lambda m: on_event(Status(m))))
     except BadInputError as e:
         if s.source:
             raise
         log.warning("source rows left out: %s (give --source)", e)
         return None, f"unavailable: {e}"
-    return folder, str(model)
+    return opened.folder, model
 
 
-def _heldout(s: EvalSettings, report: dict, source: Path | None, tokenizer, on_event) -> tuple[list[list[int]], str]:
+def _heldout(s: EvalSettings, report: dict, source: Path | None, tokenizer, on_event: Listener) -> tuple[list[list[int]], str]:
     data = s.data
     if data is None:
         if source is None:
             raise BadInputError("eval: the source model is not available to generate held-out text; "
                                 "give --data FILE (or --source MODEL)")
-        data = self_calibration.SELF
-    if data == self_calibration.SELF:
+        data = self_generated.SELF
+    if data == self_generated.SELF:
         if source is None:
             raise BadInputError("--data self needs the source model (give --source MODEL)")
-        seed = s.seed + self_calibration.HELDOUT_SEED_OFFSET
-        on_event(Event("status", {"message": "generating held-out text with the source model"}))
-        texts = self_calibration.generate_texts(
-            source, s.num_samples, s.seq_len, seed, self_calibration.HELDOUT_PROMPTS, device=_generation_device(),
-            on_progress=lambda done, total: on_event(Event("generated", {"done": done, "total": total})))
+        seed = s.seed + self_generated.HELDOUT_SEED_OFFSET
+        on_event(Status("generating held-out text with the source model"))
+        texts = self_generated.generate_texts(
+            source, s.num_samples, s.seq_len, seed, self_generated.HELDOUT_PROMPTS, device=_generation_device(),
+            on_progress=lambda done, total: on_event(TextGenerated(done, total)))
         description = (f"self: {len(texts)} answers sampled from the source model to "
-                       f"{len(self_calibration.HELDOUT_PROMPTS)} held-out prompts (seed {seed})")
+                       f"{len(self_generated.HELDOUT_PROMPTS)} held-out prompts (seed {seed})")
     else:
         if data == report.get("settings", {}).get("calib"):
             log.warning("--data %s is the bundle's calibration data: this perplexity is not held out", data)
-        texts = calibration.read_texts(data)
+        texts = read_texts(data)
         description = str(data)
-    sequences = calibration.sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed)
+    sequences = sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed)
     return sequences, f"{description}; {len(sequences)} sequences of at most {s.seq_len} tokens"
-
-
-def _eval_dtype(bundle: Path) -> torch.dtype:
-    config = json.loads((bundle / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype")
-    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    return torch.float32
 
 
 def _generation_device() -> str:
@@ -228,11 +228,3 @@ def _load_bundle(bundle: Path, dtype: torch.dtype):
     from peft import AutoPeftModelForCausalLM
 
     return AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=dtype, device_map=_device_map()).eval()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -10,8 +10,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .bundle import REPORT_NAME
-from .bundle_info import ADAPTER_CONFIG, CARD_NAME, EVAL_NAME, read_json
+from .bundle.layout import ADAPTER_CONFIG, CARD, EVAL, REPORT
+from .bundle.read import read_json, read_optional_json
 from .errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,14 @@ def render_model_card(bundle: Path, *, report: dict | None = None, source_folder
     README.md from the Hub to inherit licence and language.
     """
     bundle = Path(bundle)
-    report = report if report is not None else read_json(bundle / REPORT_NAME, "the conversion report")
-    adapter = read_json(bundle / ADAPTER_CONFIG, "the adapter config") if (bundle / ADAPTER_CONFIG).is_file() else {}
-    evaluation = read_json(bundle / EVAL_NAME, "the eval result") if (bundle / EVAL_NAME).is_file() else None
+    report = report if report is not None else read_json(bundle / REPORT, "the conversion report")
+    adapter = read_optional_json(bundle / ADAPTER_CONFIG, "the adapter config") or {}
+    evaluation = read_optional_json(bundle / EVAL, "the eval result")
     inherited = source_card_metadata(report, source_folder, allow_download)
     card = build_model_card(report, adapter=adapter, evaluation=evaluation, model_id=model_id or bundle.name,
                             revision=revision, base_model=base_model, inherited=inherited)
     if write:
-        (bundle / CARD_NAME).write_text(str(card), encoding="utf-8")
+        (bundle / CARD).write_text(str(card), encoding="utf-8")
     return card
 
 
@@ -161,9 +161,9 @@ def source_card_metadata(report: dict, source_folder: Path | None = None, allow_
 
 def _source_readme(report: dict, source_folder: Path | None, allow_download: bool) -> Path | None:
     source = report.get("source", {})
-    candidates = [Path(source_folder) / CARD_NAME] if source_folder else []
+    candidates = [Path(source_folder) / CARD] if source_folder else []
     if source.get("model") and not source.get("repo_id"):
-        candidates.append(Path(str(source["model"])).expanduser() / CARD_NAME)
+        candidates.append(Path(str(source["model"])).expanduser() / CARD)
     for path in candidates:
         if path.is_file():
             return path
@@ -172,12 +172,12 @@ def _source_readme(report: dict, source_folder: Path | None, allow_download: boo
         return None
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, CARD_NAME, revision=commit)
+    cached = try_to_load_from_cache(repo_id, CARD, revision=commit)
     if isinstance(cached, str):
         return Path(cached)
     if allow_download:
         try:
-            return Path(hf_hub_download(repo_id, CARD_NAME, revision=commit))
+            return Path(hf_hub_download(repo_id, CARD, revision=commit))
         except Exception as e:  # noqa: BLE001 - no card (or offline): nothing to inherit
             log.info("no model card for %s (%s)", repo_id, type(e).__name__)
     return None
@@ -227,7 +227,7 @@ def _evaluation(evaluation: dict | None) -> dict | None:
         return None
     rows = evaluation.get("rows")
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r and "perplexity" in r for r in rows):
-        raise BadInputError(f"{EVAL_NAME}: 'rows' must be a list of {{'model': ..., 'perplexity': ...}}")
+        raise BadInputError(f"{EVAL}: 'rows' must be a list of {{'model': ..., 'perplexity': ...}}")
     gap = evaluation.get("gap_closed")
     return {"rows": [{"model": str(r["model"]), "perplexity": float(r["perplexity"])} for r in rows],
             "gap_closed": None if gap is None else float(gap), "data": evaluation.get("data")}

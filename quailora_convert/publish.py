@@ -14,9 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import REPORT_NAME
-from .bundle_info import ADAPTER_CONFIG, CARD_NAME, read_json, verify_bundle
+from .bundle.layout import ADAPTER_CONFIG, CARD, REPORT
+from .bundle.read import read_json, verify_bundle
 from .errors import BadInputError, QuailoraError
+from .model_card import GENERATED_MARKER, render_model_card
 
 DEFAULT_BRANCH = "main"
 
@@ -69,7 +70,7 @@ def push_to_hub(bundle: Path, repo_id: str, *, private: bool = False, revision: 
         replaced = {ADAPTER_CONFIG: json.dumps(adapter, indent=2) + "\n"}
         card = hub_model_card(folder, repo_id, branch)
         if card is not None:
-            replaced[CARD_NAME] = card
+            replaced[CARD] = card
         with tempfile.TemporaryDirectory(prefix="quailora-push-") as staging:
             files = _stage(folder, Path(staging), replaced)
             info = api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model", revision=branch,
@@ -79,9 +80,7 @@ def push_to_hub(bundle: Path, repo_id: str, *, private: bool = False, revision: 
 
 def hub_model_card(folder: Path, repo_id: str, branch: str) -> str | None:
     """The card as uploaded: our generated card re-rendered to load from the repo; a hand-written one as is."""
-    from .model_card import GENERATED_MARKER, render_model_card
-
-    existing = folder / CARD_NAME
+    existing = folder / CARD
     if existing.is_file() and GENERATED_MARKER not in existing.read_text(encoding="utf-8"):
         return None
     return str(render_model_card(folder, model_id=repo_id, revision=branch, write=False))
@@ -94,7 +93,7 @@ def _token(api) -> str | None:
 
 
 def _default_commit_message(folder: Path) -> str:
-    report = read_json(folder / REPORT_NAME, "the conversion report")
+    report = read_json(folder / REPORT, "the conversion report")
     quantization, settings = report.get("quantization", {}), report.get("settings", {})
     return (f"Upload QuAILoRA bundle ({quantization.get('type', '?')}, r={settings.get('rank', '?')}, "
             f"solver={settings.get('solver', '?')})")

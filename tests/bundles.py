@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quailora_convert.pipeline import ConvertSettings, convert
+from quailora_convert.convert import ConvertSettings, convert
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
 SOURCE_CARD = """---

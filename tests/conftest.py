@@ -4,15 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from paths import CALIB_DIR
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One BLAS/OpenMP thread, in this process and the CLI subprocesses: the float64 eigh/SVD calls are
 # small, and on a 2-core machine shared with other work, spinning OpenMP threads made them 10-100x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CALIB_DIR = SHARED / "data" / "calib"
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

@@ -17,7 +17,7 @@ from peft import AutoPeftModelForCausalLM
 from torch import nn
 
 from quailora_convert.errors import UnsupportedModelError
-from quailora_convert.pipeline import ConvertSettings, convert
+from quailora_convert.convert import ConvertSettings, convert
 from reference import assert_bundle_matches_reference, bundle_tensors, dequantize_saved, quantized_linears
 from tiny_models import VOCAB, save_tiny, write_text_calibration
 
@@ -224,12 +224,12 @@ def _source_hessians(source, calib, modules: list[str]) -> dict[str, tuple[torch
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quailora_convert import calibration
+    from quailora_convert.calibration.batches import make_batches, sample_token_sequences
+    from quailora_convert.calibration.texts import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    sequences = calibration.sample_token_sequences(calibration.read_texts(str(calib)), tokenizer, NUM_SAMPLES, SEQ_LEN,
-                                                   seed=0)
-    batches = calibration.make_batches(sequences, BATCH_SIZE, tokenizer.pad_token_id)
+    sequences = sample_token_sequences(read_texts(str(calib)), tokenizer, NUM_SAMPLES, SEQ_LEN, seed=0)
+    batches = make_batches(sequences, BATCH_SIZE, tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     sums = {name: [0.0, 0] for name in modules}
     mask = None

@@ -5,16 +5,14 @@ the cache location and offline mode are pointed at a temp dir.
 """
 import gzip
 import json
-import os
 import random
-import shutil
-import subprocess
-import sys
 
 import pytest
 
-from quailora_convert import calib_presets
-from quailora_convert.calibration import read_texts, sample_token_sequences
+from cli_process import run_cli
+from quailora_convert.calibration import hub_datasets
+from quailora_convert.calibration.batches import sample_token_sequences
+from quailora_convert.calibration.texts import read_texts
 from quailora_convert.errors import BadInputError
 from tiny_models import byte_tokenizer, save_tiny, tiny_llama_config
 
@@ -181,9 +179,9 @@ def test_missing_from_cache_offline_is_one_line_naming_dataset_and_offline(hf_ca
 
 
 def test_local_files_and_paths_are_not_taken_for_hub_ids(tmp_path):
-    assert calib_presets.looks_like_hub_id("Open-Orca/SlimOrca")
-    assert not calib_presets.looks_like_hub_id("data/calib.jsonl")
-    assert not calib_presets.looks_like_hub_id("/abs/path") and not calib_presets.looks_like_hub_id("./x/y")
+    assert hub_datasets.looks_like_hub_id("Open-Orca/SlimOrca")
+    assert not hub_datasets.looks_like_hub_id("data/calib.jsonl")
+    assert not hub_datasets.looks_like_hub_id("/abs/path") and not hub_datasets.looks_like_hub_id("./x/y")
     (tmp_path / "a.jsonl").write_text('{"text": "one two"}\n')
     with pytest.raises(BadInputError, match="apply to Hub datasets"):
         read_texts(str(tmp_path / "a.jsonl"), field="text")
@@ -193,20 +191,16 @@ def test_local_files_and_paths_are_not_taken_for_hub_ids(tmp_path):
 
 def test_cli_converts_a_tiny_model_with_a_preset_from_the_cache(hf_cache, tmp_path):
     source = save_tiny(tiny_llama_config(), tmp_path / "source")
-    env = {**os.environ, "HF_HOME": str(hf_cache), "HF_HUB_CACHE": str(hf_cache / "hub"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(hf_cache / "datasets")}
-    env.pop("QUAILORA_DEBUG", None)
-    command = [shutil.which("quailora-convert")] if shutil.which("quailora-convert") else [sys.executable, "-m", "quailora_cli"]
+    env = {"HF_HOME": str(hf_cache), "HF_HUB_CACHE": str(hf_cache / "hub"), "HF_DATASETS_CACHE": str(hf_cache / "datasets")}
     args = [str(source), "--out", str(tmp_path / "b"), "--rank", "4", "--num-samples", "4", "--seq-len", "16"]
-    result = subprocess.run(command + args + ["--calib", "hh-rlhf"], capture_output=True, text=True, env=env, timeout=300)
+    result = run_cli(*args, "--calib", "hh-rlhf", env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b" / "quailora_report.json").read_text())
     assert report["settings"]["calib"] == "hh-rlhf" and report["calibration"]["samples"] == 4
     assert report["summary"]["relative_error_after"] < 1.0
 
     env["HF_HUB_CACHE"] = str(tmp_path / "empty-cache")
-    failed = subprocess.run(command + args[:2] + [str(tmp_path / "c")] + args[3:] + ["--calib", "slimorca"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    failed = run_cli(*args[:2], tmp_path / "c", *args[3:], "--calib", "slimorca", env=env)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert failed.returncode == 2 and len(errors) == 1, failed.stderr
     assert "Open-Orca/SlimOrca" in errors[0] and "HF_HUB_OFFLINE" in errors[0]

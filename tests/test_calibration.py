@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from quailora_convert.calibration import (
-    format_alpaca, make_batches, read_texts, sample_token_sequences,
-)
+from quailora_convert.calibration.batches import make_batches, sample_token_sequences
+from quailora_convert.calibration.formats import format_alpaca
+from quailora_convert.calibration.texts import read_texts
+from quailora_convert.core.hessian import HessianSum
 from quailora_convert.errors import BadInputError
-from quailora_convert.hessian import HessianSum
 from tiny_models import byte_tokenizer
 
 

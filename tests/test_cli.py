@@ -1,22 +1,18 @@
 """The command line: conversion through a real subprocess, and one-line errors with non-zero exits."""
 import json
-import os
 import shutil
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_process import run_cli
+from quailora_cli.main import app
+from quailora_convert.convert import ConvertSettings
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
-
-
-def run_cli(*args, cwd=None):
-    command = [shutil.which("quailora-convert")] if shutil.which("quailora-convert") else [sys.executable, "-m", "quailora_cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("QUAILORA_DEBUG", None)
-    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +80,21 @@ def test_help_lists_the_options():
     for option in ("--bits", "--rank", "--calib", "--num-samples", "--seq-len", "--lora-alpha", "--use-rslora",
                    "--solver", "--als-steps", "--target-modules", "--device", "--seed"):
         assert option in result.stdout
+
+
+def test_module_entry_point_runs_the_same_app():
+    result = subprocess.run([sys.executable, "-m", "quailora_cli", "convert", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--rank" in result.stdout and "--calib" in result.stdout
+
+
+def test_option_defaults_are_the_settings_defaults():
+    import typer
+
+    command = typer.main.get_command(app).commands["convert"]
+    options = {param.name: param.default for param in command.params}
+    settings = {f.name: f.default for f in fields(ConvertSettings) if f.default is not MISSING}
+    shared = set(options) & set(settings)
+    assert shared == set(settings) - {"damp", "max_shard_bytes"}  # the library-only settings
+    assert {name: options[name] for name in shared} == {name: settings[name] for name in shared}

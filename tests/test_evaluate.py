@@ -7,10 +7,12 @@ import pytest
 from typer.testing import CliRunner
 
 from quailora_cli.main import app
-from quailora_cli.progress import PLAIN, RICH, Reporter
-from quailora_convert.evaluate import EVAL_NAME, ROW_BUNDLE, ROW_INT8, ROW_PLAIN, EvalSettings, evaluate
-from quailora_convert.pipeline import ConvertSettings, Event, convert
-from test_cli import run_cli
+from quailora_cli.progress import HANDLERS, PLAIN, RICH, Reporter
+from cli_process import run_cli
+from quailora_convert.bundle.layout import EVAL
+from quailora_convert.convert import ConvertSettings, convert
+from quailora_convert.evaluate import ROW_BUNDLE, ROW_INT8, ROW_PLAIN, EvalSettings, evaluate
+from quailora_convert.events import EVENT_TYPES, Calibrated, ConversionDone, LayerConverted, Status
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
 TQDM_OR_ANSI = ("\r", "\x1b[", "it/s]")
@@ -31,7 +33,7 @@ def test_eval_rows_json_shape_and_adapter_effect(tiny, tmp_path):
     source, _, heldout, bundle = tiny
     result = evaluate(EvalSettings(bundle=bundle, data=str(heldout), num_samples=8, seq_len=32,
                                    json_path=tmp_path / "copy.json"))
-    written = json.loads((bundle / EVAL_NAME).read_text())
+    written = json.loads((bundle / EVAL).read_text())
     assert written == json.loads((tmp_path / "copy.json").read_text())
     assert {"rows", "gap_closed", "data"} <= set(written)
     assert all(set(row) == {"model", "perplexity"} for row in written["rows"])
@@ -68,7 +70,7 @@ def test_eval_subprocess_quiet_prints_only_the_json_path(tiny, tmp_path):
     _, _, heldout, bundle = tiny
     result = run_cli("eval", bundle, "--data", heldout, "--num-samples", "4", "--seq-len", "16", "--quiet")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(bundle / EVAL_NAME)
+    assert result.stdout.strip() == str(bundle / EVAL)
 
 
 def test_eval_refuses_a_folder_that_is_not_a_bundle(tiny):
@@ -95,7 +97,7 @@ def test_convert_non_tty_is_line_based_with_eta_summary_and_eval(tiny, tmp_path)
     assert "layer 2/2 done" in result.stdout and "eta" in result.stdout
     for key in ("mean calibrated-error reduction", "bundle size on disk", "peak memory", ROW_BUNDLE):
         assert key in result.stdout
-    assert (tmp_path / "b" / EVAL_NAME).exists()
+    assert (tmp_path / "b" / EVAL).exists()
 
 
 def test_rich_reporter_draws_bars_and_tables(tiny):
@@ -106,13 +108,21 @@ def test_rich_reporter_draws_bars_and_tables(tiny):
 
     console = Console(file=buffer, force_terminal=True, width=120)
     with Reporter(RICH, console) as reporter:
-        reporter(Event("calibrated", {"samples": 4, "seconds": 0.1}))
+        reporter(Calibrated(samples=4, seconds=0.1))
         for i in range(3):
-            reporter(Event("layer", {"index": i, "count": 3, "seconds": 0.1}))
-        reporter(Event("done", {"out": str(bundle), "report": report}))
+            reporter(LayerConverted(index=i, count=3, seconds=0.1))
+        reporter(ConversionDone(out=bundle, report=report))
     text = buffer.getvalue()
     assert "quantize + solve + write layers" in text and "3/3" in text and "conversion summary" in text
     plain = io.StringIO()
     with Reporter(PLAIN, Console(file=plain, width=120)) as reporter:
-        reporter(Event("done", {"out": str(bundle), "report": report}))
+        reporter(ConversionDone(out=bundle, report=report))
     assert "mean calibrated-error reduction" in plain.getvalue() and "\x1b[" not in plain.getvalue()
+
+
+def test_reporter_handles_every_event_type_and_refuses_others():
+    assert set(HANDLERS) == set(EVENT_TYPES)
+    with Reporter(PLAIN) as reporter:
+        reporter(Status("known"))
+        with pytest.raises(TypeError, match="no handler for str"):
+            reporter("an event the library never sends")

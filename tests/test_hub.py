@@ -5,8 +5,8 @@ import pytest
 from huggingface_hub import constants
 
 from quailora_convert.errors import BadInputError
-from quailora_convert.hub import resolve_model
-from quailora_convert.pipeline import ConvertSettings, convert
+from quailora_convert.sources.resolve import open_model
+from quailora_convert.convert import ConvertSettings, convert
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -27,9 +27,10 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_hub_id_resolves_to_the_pinned_snapshot(hub_cache):
-    source = resolve_model("org/tiny-llama")
-    assert source.repo_id == "org/tiny-llama" and source.commit == COMMIT
-    assert (source.folder / "config.json").exists() and source.folder.name == COMMIT
+    with open_model("org/tiny-llama") as source:
+        assert source.repo_id == "org/tiny-llama" and source.commit == COMMIT
+        assert (source.folder / "config.json").exists() and source.folder.name == COMMIT
+    assert source.folder.exists()  # the HF cache's snapshot: not a temporary folder of ours
 
 
 def test_convert_from_a_hub_id_records_repo_and_commit(hub_cache):
@@ -43,14 +44,14 @@ def test_convert_from_a_hub_id_records_repo_and_commit(hub_cache):
 
 
 def test_uncached_repo_offline_is_one_actionable_line(hub_cache):
-    with pytest.raises(BadInputError, match="HF_HUB_OFFLINE") as error:
-        resolve_model("org/not-cached")
+    with pytest.raises(BadInputError, match="HF_HUB_OFFLINE") as error, open_model("org/not-cached"):
+        pass
     assert "\n" not in str(error.value)
 
 
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
-    with pytest.raises(BadInputError, match="no such folder"):
-        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(BadInputError, match="no such folder"), open_model(str(tmp_path / "nope")):
+        pass
 
 
 @pytest.fixture
@@ -79,6 +80,6 @@ def hub_answering(monkeypatch, tmp_path):
 ])
 def test_hub_download_errors_are_one_actionable_line(hub_answering, status, code, message):
     hub_answering(status, code, "refused by the fake hub")
-    with pytest.raises(BadInputError, match=message) as error:
-        resolve_model("org/some-model", revision="v9")
+    with pytest.raises(BadInputError, match=message) as error, open_model("org/some-model", revision="v9"):
+        pass
     assert "\n" not in str(error.value) and error.value.__cause__ is not None

@@ -5,8 +5,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bundles import make_bundle
+from cli_process import run_cli
 from quailora_cli.main import app  # importing main registers every command
-from test_cli import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
 
-from quailora_convert.pipeline import ConvertSettings, convert
+from quailora_convert.convert import ConvertSettings, convert
 from reference import assert_bundle_matches_reference, bundle_tensors, dequantize_loaded, dequantize_saved, quantized_linears
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 

@@ -11,8 +11,8 @@ from peft import AutoPeftModelForCausalLM
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED
-from quailora_convert.pipeline import ConvertSettings, convert
+from quailora_convert.convert import ConvertSettings, convert
+from paths import SHARED
 from reference import assert_bundle_matches_reference, dequantize_loaded, quantized_linears
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from quailora_convert.solvers import (
-    calibrated_error, lora_scaling, solve, solve_als, solve_exact, svd_init, to_peft,
-)
+from quailora_convert.core.lora import lora_scaling, to_peft
+from quailora_convert.core.solvers import calibrated_error, solve, solve_als, solve_exact, svd_init
 
 
 def _problem(out=48, inp=96, tokens=400, seed=0, spread=3.0):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from quailora_convert.convert import ConvertSettings, convert
 from quailora_convert.errors import BadInputError, UnsupportedModelError
-from quailora_convert.pipeline import ConvertSettings, convert
+from quailora_convert.sources.resolve import open_model
 from reference import assert_bundle_matches_reference
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
@@ -50,6 +51,14 @@ def test_allow_pickle_converts_to_the_same_bundle_as_safetensors(sources, tmp_pa
         a, b = load_file(from_safe / name), load_file(from_pickle / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert_bundle_matches_reference(safe, from_pickle, torch.randint(4, 500, (1, 16)))
+
+
+def test_a_pickle_source_owns_its_converted_copy_and_removes_it(sources):
+    _, pickled, _ = sources
+    with open_model(str(pickled), allow_pickle=True) as source:
+        assert source.folder != pickled and (source.folder / "model.safetensors.index.json").is_file()
+    assert not source.folder.exists()
+    assert (pickled / "pytorch_model.bin.index.json").is_file()  # the user's folder is untouched
 
 
 def test_remote_code_needs_trust(sources, tmp_path):

@@ -1,0 +1,89 @@
+"""`quailora-convert [convert] MODEL ...`: the conversion command. Defaults come from ConvertSettings."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quailora_cli.app import app, defaults_of
+from quailora_cli.evaluate import EVAL_DEFAULT, run_eval
+from quailora_cli.progress import Reporter, choose_mode
+from quailora_convert.convert.allocator import serve_large_blocks_from_mmap
+from quailora_convert.convert.pipeline import convert as run_convert
+from quailora_convert.convert.pipeline import open_source
+from quailora_convert.convert.settings import ConvertSettings
+from quailora_convert.evaluate import EvalSettings
+
+DEFAULT = defaults_of(ConvertSettings)
+CLI_ONLY = ("quiet", "with_eval", "eval_data", "eval_num_samples", "eval_seq_len")  # not conversion settings
+
+
+@app.command()
+def convert(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help=(
+        "Local folder of safetensors shards, a Hub model id, or a .gguf file (dequantized by transformers and "
+        "materialised in full in a temporary folder: not streamed, needs the model's float32 size in memory)."))],
+    calib: Annotated[str, typer.Option("--calib", help=(
+        "Calibration data: a preset (alpaca, chip2, self-instruct, hh-rlhf, slimorca: the paper's sets, from the "
+        "Hub), a Hub dataset id org/name, or a local Alpaca .json/.jsonl, text .jsonl or .txt; 'self': data-free, "
+        "text the model samples itself from built-in prompts (loads the whole model; refused above 15B parameters)."))],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the bundle to.")],
+    bits: Annotated[int, typer.Option("--bits", help="4 = NF4 (double quant, block 64), 8 = LLM.int8.")] = DEFAULT["bits"],
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = DEFAULT["rank"],
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.")] = DEFAULT["lora_alpha"],
+    use_rslora: Annotated[bool, typer.Option("--use-rslora", help="Scale by alpha/sqrt(r) (rsLoRA).")] = DEFAULT["use_rslora"],
+    solver: Annotated[str, typer.Option("--solver", help=(
+        "exact (closed form), als (paper), svd (weight-space)."))] = DEFAULT["solver"],
+    als_steps: Annotated[int, typer.Option("--als-steps", help="Alternating steps for --solver als.")] = DEFAULT["als_steps"],
+    target_modules: Annotated[str, typer.Option("--target-modules", help=(
+        "all-linear, or comma-separated names."))] = DEFAULT["target_modules"],
+    num_samples: Annotated[int, typer.Option("--num-samples", help=(
+        "Calibration samples. The paper used 2000: ~16x the capture time and CPU activation memory "
+        "(samples x seq-len x hidden x 4 bytes) of the default 128; the solve time does not change."))] = DEFAULT["num_samples"],
+    seq_len: Annotated[int, typer.Option("--seq-len", help=(
+        "Max tokens per calibration sample (cost grows linearly)."))] = DEFAULT["seq_len"],
+    calib_split: Annotated[Optional[str], typer.Option("--calib-split", show_default="train",
+                                                       help="Split of a Hub dataset or preset.")] = DEFAULT["calib_split"],
+    calib_field: Annotated[Optional[str], typer.Option("--calib-field", help=(
+        "Text column of a Hub dataset; default: Alpaca columns, else 'text'."))] = DEFAULT["calib_field"],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration samples per forward.")] = DEFAULT["batch_size"],
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda:0, ...")] = DEFAULT["device"],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of calibration sampling.")] = DEFAULT["seed"],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")] = DEFAULT["revision"],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = DEFAULT["overwrite"],
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=(
+        "Accept pickle-only (.bin) weights; unpickling can run code."))] = DEFAULT["allow_pickle"],
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=(
+        "Run the model's own modeling code (auto_map)."))] = DEFAULT["trust_remote_code"],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the bundle's path.")] = False,
+    with_eval: Annotated[bool, typer.Option("--eval", help="Then run `eval` on the bundle (see eval --help).")] = False,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="--data of --eval (default: self).")] = EVAL_DEFAULT["data"],
+    eval_num_samples: Annotated[int, typer.Option("--eval-num-samples", help=(
+        "--num-samples of --eval."))] = EVAL_DEFAULT["num_samples"],
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="--seq-len of --eval.")] = EVAL_DEFAULT["seq_len"],
+) -> None:
+    """Convert MODEL into a QLoRA bundle at --out."""
+    options = {name: value for name, value in ctx.params.items() if name not in CLI_ONLY}
+    options["target_modules"] = _target_modules(target_modules)
+    settings = ConvertSettings(**options)
+    settings.validate()  # before a GGUF source is dequantized for --eval
+    serve_large_blocks_from_mmap()  # peak RSS must not grow with the number of layers
+    with ExitStack() as sources:
+        with Reporter(choose_mode(quiet)) as reporter:
+            # with --eval, the source stays open for eval: a .gguf file is dequantized once
+            source = sources.enter_context(open_source(settings, reporter)) if with_eval else None
+            path = run_convert(settings, on_event=reporter, source=source)
+        if with_eval:  # the bundle is complete; eval adds quailora_eval.json and re-renders the card
+            with Reporter(choose_mode(quiet)) as reporter:
+                run_eval(EvalSettings(bundle=path, data=eval_data, num_samples=eval_num_samples,
+                                      seq_len=eval_seq_len), reporter, source=source)
+    typer.echo(str(path) if quiet else f"bundle written to {path}")
+
+
+def _target_modules(option: str) -> str | list[str]:
+    if option == "all-linear":
+        return option
+    return [name.strip() for name in option.split(",") if name.strip()]

@@ -1,0 +1,50 @@
+"""`quailora-convert eval DIR`: held-out perplexity of a bundle, plain QLoRA, the source and int8."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quailora_cli.app import app, defaults_of
+from quailora_cli.progress import Reporter, choose_mode
+from quailora_convert.bundle.layout import EVAL
+from quailora_convert.evaluate import EvalSettings, evaluate
+from quailora_convert.model_card import render_model_card
+from quailora_convert.sources.resolve import ModelSource
+
+EVAL_DEFAULT = defaults_of(EvalSettings)
+
+
+@app.command("eval")
+def eval_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder written by convert.")],
+    data: Annotated[Optional[str], typer.Option("--data", help=(
+        "Held-out text: a .json/.jsonl/.txt file, a calibration preset, or 'self' (text the source model samples "
+        "from prompts disjoint from --calib self's). Default: self when the source is available."))] = EVAL_DEFAULT["data"],
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Held-out sequences.")] = EVAL_DEFAULT["num_samples"],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Max tokens per held-out sequence.")] = EVAL_DEFAULT["seq_len"],
+    source: Annotated[Optional[str], typer.Option("--source", help=(
+        "The source model (folder, .gguf or Hub id); default: the MODEL in the bundle's report."))] = EVAL_DEFAULT["source"],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = EVAL_DEFAULT["batch_size"],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of held-out sampling.")] = EVAL_DEFAULT["seed"],
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = EVAL_DEFAULT["json_path"],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the path of the result JSON.")] = False,
+) -> None:
+    """Perplexity of DIR with and without its adapter, and of the source in full precision and int8.
+
+    Writes quailora_eval.json into DIR (and --json) and re-renders the bundle's model card.
+    """
+    settings = EvalSettings(bundle=bundle, data=data, num_samples=num_samples, seq_len=seq_len, source=source,
+                            batch_size=batch_size, seed=seed, json_path=json_path)
+    with Reporter(choose_mode(quiet)) as reporter:
+        run_eval(settings, reporter)
+    if quiet:
+        typer.echo(str(json_path or bundle / EVAL))
+
+
+def run_eval(settings: EvalSettings, reporter: Reporter, source: ModelSource | None = None) -> dict:
+    """evaluate(), then the perplexity table into the bundle's README.md."""
+    result = evaluate(settings, on_event=reporter, source=source)
+    render_model_card(Path(settings.bundle))
+    return result

@@ -1,1 +1,0 @@
-"""The quailora-convert command line (Typer). The library never imports this package."""

@@ -1,0 +1,32 @@
+"""The JSON a bundle's loaders read: config.json with quantization_config, and adapter_config.json.
+
+Both are built by the libraries that read them back (transformers' BitsAndBytesConfig, PEFT's
+LoraConfig), so every field has the value and spelling those versions expect.
+"""
+from __future__ import annotations
+
+
+def quantized_config(source_config: dict, loader_options: dict, skip_modules: list[str]) -> dict:
+    """The source's config.json with the quantization_config that loads the quantized base.
+
+    loader_options are BitsAndBytesConfig's keyword arguments (the quantizer's loader_options);
+    skip_modules are the linears left in full precision (outside the decoder layers).
+    """
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(**loader_options).to_dict()
+    quantization["llm_int8_skip_modules"] = skip_modules or None
+    return {**source_config, "quantization_config": quantization}
+
+
+def adapter_config(base_path: str, target_modules: list[str], rank: int, lora_alpha: float, use_rslora: bool) -> dict:
+    """adapter_config.json of a LoRA adapter over the base at base_path (a folder or a Hub repo)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=rank, lora_alpha=lora_alpha, use_rslora=use_rslora, lora_dropout=0.0,
+        bias="none", target_modules=target_modules, init_lora_weights=True,
+        base_model_name_or_path=base_path,
+    ).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])  # a set in LoraConfig; JSON needs a list
+    return config

@@ -1,0 +1,102 @@
+"""Reading a finished bundle back: is it complete, and what is it (for inspect, the card and push-to-hub)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import BadInputError
+from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, CONFIG, EVAL, REPORT, SAFETENSORS_INDEX,
+                     SAFETENSORS_SINGLE)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise BadInputError(f"{path.parent} is not a QuAILoRA bundle: {path.name} is missing") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path} is not valid JSON ({what}): {e}") from e
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path} is not a JSON object ({what})")
+    return data
+
+
+def read_optional_json(path: Path, what: str) -> dict | None:
+    """read_json for a file a bundle may lack (the eval result, ...): None when it is absent."""
+    return read_json(path, what) if Path(path).is_file() else None
+
+
+def missing_files(folder: Path) -> list[str]:
+    """What a complete bundle lacks: quantized config, listed shards, adapter, report (empty when complete)."""
+    folder = Path(folder)
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT) if not (folder / name).is_file()]
+    config = folder / CONFIG
+    if not config.is_file():
+        missing.insert(0, CONFIG)
+    else:
+        try:
+            quantized = "quantization_config" in json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+            quantized = False
+        if not quantized:
+            missing.insert(0, f"quantization_config in {CONFIG}")
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
+            return missing + [f"a readable {SAFETENSORS_INDEX}"]
+        missing += [shard for shard in shards if not (folder / shard).is_file()]
+    elif not (folder / SAFETENSORS_SINGLE).is_file():
+        missing.append(f"{SAFETENSORS_SINGLE} (or its index)")
+    return missing
+
+
+def verify_bundle(folder: Path) -> Path:
+    """The folder, resolved, when it is a complete bundle; otherwise BadInputError naming what is missing."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise BadInputError(f"{folder} is not a folder")
+    missing = missing_files(folder)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise BadInputError(f"{folder} is not a complete QuAILoRA bundle: missing {shown}")
+    return folder.resolve()
+
+
+def describe_bundle(folder: Path) -> dict:
+    """A summary of a bundle from its report, adapter config and optional eval (no tensors are read)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise BadInputError(f"{folder} is not a folder")
+    report = read_json(folder / REPORT, "the conversion report")
+    if "summary" not in report or "settings" not in report:
+        raise BadInputError(f"{folder / REPORT} is not a quailora-convert report (no summary/settings)")
+    settings, summary = report["settings"], report["summary"]
+    adapter = read_optional_json(folder / ADAPTER_CONFIG, "the adapter config") or {}
+    evaluation = read_optional_json(folder / EVAL, "the eval result")
+    relative = summary.get("relative_error_after")
+    source = report.get("source", {})
+    missing = missing_files(folder)
+    return {
+        "bundle": str(folder.resolve()),
+        "source": {"model": source.get("model"), "repo_id": source.get("repo_id"), "commit": source.get("commit")},
+        "quantization": report.get("quantization", {}),
+        "lora": {"rank": settings.get("rank"), "alpha": settings.get("lora_alpha"),
+                 "use_rslora": settings.get("use_rslora"), "target_modules": adapter.get("target_modules"),
+                 "base_model_name_or_path": adapter.get("base_model_name_or_path")},
+        "solver": {"name": settings.get("solver"),
+                   "als_steps": settings.get("als_steps") if settings.get("solver") == "als" else None,
+                   "damp": settings.get("damp")},
+        "calibration": {"data": settings.get("calib"), "samples": report.get("calibration", {}).get("samples"),
+                        "tokens": report.get("calibration", {}).get("tokens"), "seq_len": settings.get("seq_len"),
+                        "seed": settings.get("seed")},
+        "error": {"modules": summary.get("modules"), "relative_error_after": relative,
+                  "reduction": None if relative is None else 1.0 - relative},
+        "versions": {"quailora_convert": report.get("quailora_convert"), **report.get("versions", {})},
+        "timings": {"total_seconds": report.get("timings", {}).get("total_seconds")},
+        "eval": evaluation,
+        "complete": not missing,
+        "missing": missing,
+        "card": (folder / CARD).is_file(),
+    }

@@ -1,0 +1,196 @@
+"""Activation plumbing: record what the model feeds its decoder layers, and accumulate H per layer.
+
+The front of the model (embeddings, rotary tables, masks) runs once per batch with every decoder
+layer's forward replaced by a recorder, so each layer's own call arguments are kept: models that
+give different layers different masks or position embeddings (Gemma 2/3) replay correctly. Each
+layer then runs in full precision on the previous layer's outputs, with forward pre-hooks summing
+H = X X^T for every group of linears that share one input.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calibration.batches import CalibrationBatch
+from ..core.hessian import HessianSum
+
+CALIBRATION_DTYPE = torch.float32  # the paper's X comes from the full-precision model
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's recorder: nothing after the decoder layers needs to run."""
+
+
+@dataclass
+class LayerCall:
+    """How the model calls one decoder layer for one batch, minus the hidden states."""
+
+    kwargs: dict[str, object] = field(default_factory=dict)
+
+
+def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches, device: torch.device,
+                        dtype: torch.dtype) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    """Run the model front on every batch; return layer-0 inputs (on CPU) and every layer's call.
+
+    calls[layer][batch] holds the keyword arguments (KV cache dropped, use_cache False), with
+    tensors moved to CPU once and shared between layers that receive the same object.
+    """
+    hidden: list[torch.Tensor] = []
+    calls: list[list[LayerCall]] = [[] for _ in layers]
+    for batch in batches:
+        offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded, dtype) for i, layer in enumerate(layers)]
+        for layer, recorder in zip(layers, recorders):
+            layer.forward = recorder
+        try:
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for layer in layers:
+                del layer.forward
+        if len(calls[-1]) != len(hidden):
+            raise RuntimeError("the model's forward did not reach its last decoder layer")
+    return hidden, calls
+
+
+def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], hidden: list[torch.Tensor],
+              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype):
+    signature = inspect.signature(type(layer).forward)
+
+    def record(*args, **kwargs):
+        bound = signature.bind(layer, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        extra = arguments.pop(_var_keyword(signature), {}) or {}
+        names = list(arguments)
+        hidden_states = arguments.pop(names[0])
+        arguments.update(extra)
+        for name in CACHE_ARGUMENTS:
+            if name in arguments:
+                arguments[name] = None
+        if "use_cache" in arguments:
+            arguments["use_cache"] = False
+        calls.append(LayerCall({k: _offload(v, offloaded) for k, v in arguments.items()}))
+        if index == 0:
+            hidden.append(hidden_states.detach().to("cpu", dtype))
+        if index == count - 1:
+            raise _StopForward
+        return (hidden_states,)  # ignored: only layer 0's input is kept
+
+    return record
+
+
+def _var_keyword(signature: inspect.Signature) -> str | None:
+    for name, p in signature.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return name
+    return None
+
+
+def _offload(value, offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """Move tensors (also inside tuples/lists) to CPU, once per tensor object.
+
+    offloaded maps id(original) -> (original, copy); holding the original keeps its id unique.
+    """
+    if isinstance(value, torch.Tensor):
+        if id(value) not in offloaded:
+            offloaded[id(value)] = (value, value.detach().to("cpu"))
+        return offloaded[id(value)][1]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_offload(v, offloaded) for v in value)
+    return value
+
+
+def to_device(value, device: torch.device, moved: dict[int, torch.Tensor]):
+    """The inverse of _offload for one batch: each CPU tensor moved once, shared where it was."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in moved:
+            moved[id(value)] = value.to(device)
+        return moved[id(value)]
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device, moved) for v in value)
+    return value
+
+
+def cast_floating(value, dtype: torch.dtype):
+    """Floating tensors (position embeddings, additive masks) in the calibration dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    return value
+
+
+@dataclass
+class InputHessians:
+    """H of each input group of one layer, and the group every hooked linear belongs to."""
+
+    leader: dict[str, str]  # module name -> name of its group's first module (q/k/v share q's)
+    sums: dict[str, HessianSum]  # group leader -> its running sum
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sums[self.leader[name]].mean()  # (in, in)
+
+
+def accumulate_hessians(layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
+                        calls: list[LayerCall], batches: list[CalibrationBatch], device: torch.device) -> InputHessians:
+    """Full-precision forward of every batch through one layer: H of its targets' inputs.
+
+    hidden[b] (layer input on CPU) is replaced by the layer's output, the next layer's input.
+    """
+    hooks = HessianHooks(targets, device)
+    try:
+        with torch.no_grad():
+            for b, batch in enumerate(batches):
+                moved: dict[int, torch.Tensor] = {}
+                kwargs = cast_floating(to_device(calls[b].kwargs, device, moved), CALIBRATION_DTYPE)
+                hooks.start_batch(batch.token_mask.to(device))
+                output = layer(hidden[b].to(device), **kwargs)
+                output = output[0] if isinstance(output, (tuple, list)) else output
+                hidden[b] = output.to("cpu", CALIBRATION_DTYPE)
+    finally:
+        hooks.remove()
+    return InputHessians(hooks.leader, hooks.sums)
+
+
+class HessianHooks:
+    """Forward pre-hooks that accumulate H for each input group of one layer's target linears.
+
+    Linears fed the very same tensor object (q/k/v; gate/up) form one group with one H: the
+    grouping is read off the first batch, not from names.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device):
+        self.device = device
+        self.leader: dict[str, str] = {}  # module name -> name of its group's first module
+        self.sums: dict[str, HessianSum] = {}
+        self._token_mask: torch.Tensor | None = None
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def start_batch(self, token_mask: torch.Tensor) -> None:
+        self._token_mask = token_mask
+        self._seen = []
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if name not in self.leader:
+                same = next((leader for seen, leader in self._seen if seen is x), None)
+                self.leader[name] = same or name
+            self._seen.append((x, self.leader[name]))  # a strong reference keeps x's identity unique
+            if self.leader[name] == name:
+                if name not in self.sums:
+                    self.sums[name] = HessianSum(x.shape[-1], self.device)
+                self.sums[name].add(x, self._token_mask)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen = []

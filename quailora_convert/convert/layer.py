@@ -1,0 +1,83 @@
+"""The per-layer unit of work: materialise -> full-precision forward with H hooks -> per linear:
+quantize, solve, report -> write -> release.
+
+A LayerConverter holds what every layer of one conversion needs; convert() calls it once per
+decoder layer, so never more than one layer's full-precision weights are in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..bundle.writer import BundleWriter
+from ..calibration.batches import CalibrationBatch
+from ..core.lora import adapter_key, lora_scaling, to_peft
+from ..core.quantize import Quantizer
+from ..core.solvers import solve
+from ..sources.checkpoint import CheckpointReader, KeyMap, materialize, release
+from .architectures import linear_modules, weight_matrix
+from .capture import CALIBRATION_DTYPE, InputHessians, LayerCall, accumulate_hessians
+from .report import ModuleReport, module_report
+from .settings import ConvertSettings
+
+
+@dataclass
+class LayerConverter:
+    settings: ConvertSettings
+    quantizer: Quantizer
+    reader: CheckpointReader
+    key_map: KeyMap
+    writer: BundleWriter
+    batches: list[CalibrationBatch]
+    device: torch.device
+    stored_dtypes: set[torch.dtype] = field(default_factory=set)  # of the decoder weights in the checkpoint
+
+    def convert(self, prefix: str, layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
+                calls: list[LayerCall]) -> list[ModuleReport]:
+        """Convert the decoder layer at prefix ("model.layers.3."); hidden advances to its outputs."""
+        stored = materialize(layer, prefix, self.reader, self.key_map, self.device, CALIBRATION_DTYPE)
+        self.stored_dtypes.update(stored.values())
+        hessians = accumulate_hessians(layer, targets, hidden, calls, self.batches, self.device)
+        reports = []
+        for name, module in linear_modules(layer).items():
+            report = self._convert_linear(prefix, name, module, stored[f"{name}.weight"], hessians, name in targets)
+            reports += [report] if report is not None else []
+        self._copy_extras(prefix, layer)
+        release(layer)
+        self.reader.release()
+        return reports
+
+    def _convert_linear(self, prefix: str, name: str, module: nn.Module, stored_dtype: torch.dtype,
+                        hessians: InputHessians, targeted: bool) -> ModuleReport | None:
+        """Quantize and write one linear; for a target also solve, write its adapter and report it."""
+        path = f"{prefix}{name}"
+        W = weight_matrix(module).detach()  # (out, in) float32, exact copy of the stored values
+        quantized = self.quantizer.quantize(W.to(stored_dtype))
+        for suffix, tensor in quantized.tensors.items():
+            self.writer.add_base_tensor(f"{path}.{suffix}", tensor)
+        if not targeted:
+            return None
+        if name not in hessians.leader:
+            raise RuntimeError(f"{path} was never called during calibration; exclude it with --target-modules")
+        s = self.settings
+        E = W.float() - quantized.dequantized.float()  # (out, in)
+        H = hessians.mean(name)  # (in, in)
+        rank = min(s.rank, *E.shape)
+        try:
+            correction = solve(E, H, rank, s.solver, s.als_steps, s.damp)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{path}: {e}") from e
+        lora_A, lora_B = to_peft(correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
+        self.writer.add_adapter_tensor(adapter_key(path, "lora_A"), lora_A)
+        self.writer.add_adapter_tensor(adapter_key(path, "lora_B"), lora_B)
+        return module_report(path, f"{prefix}{hessians.leader[name]}", E, H, correction, rank)
+
+    def _copy_extras(self, prefix: str, layer: nn.Module) -> None:
+        """Norms, biases and persistent buffers of the layer, copied as stored."""
+        quantized = {f"{prefix}{name}.weight" for name in linear_modules(layer)}
+        for name in layer.state_dict():
+            key = f"{prefix}{name}"
+            if key not in quantized and key in self.key_map.to_checkpoint:
+                self.writer.add_base_tensor(key, self.reader.get(self.key_map.to_checkpoint[key]))

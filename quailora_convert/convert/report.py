@@ -1,0 +1,69 @@
+"""quailora_report.json: per module the calibrated error before and after, plus settings, versions, timings."""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..calibration.batches import CalibrationBatch
+from ..core.quantize import Quantizer
+from ..core.solvers import LowRank, calibrated_error, svd_init
+from ..sources.resolve import ModelSource
+from .settings import ConvertSettings
+
+
+@dataclass
+class ModuleReport:
+    module: str
+    shape: tuple[int, int]  # (out, in)
+    input_group: str  # the module whose input H was accumulated on (q/k/v share one)
+    error_before: float  # ||E X||^2 / n
+    error_svd_init: float  # with the rank-r SVD of E (weight-space init)
+    error_after: float  # with the solver's correction
+    damped_eigenvalues: int
+
+
+def module_report(module: str, input_group: str, E: Tensor, H: Tensor, correction: LowRank, rank: int) -> ModuleReport:
+    """The calibrated error of one linear without adapter, with the weight-space baseline (a second,
+    float64 SVD of E, computed for this report) and with the solver's correction."""
+    return ModuleReport(
+        module=module, shape=tuple(E.shape), input_group=input_group,
+        error_before=calibrated_error(E, H),
+        error_svd_init=calibrated_error(E.double() - svd_init(E, rank).matrix(), H),
+        error_after=calibrated_error(E.double() - correction.matrix(), H),
+        damped_eigenvalues=correction.damped,
+    )
+
+
+def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, modules: list[ModuleReport],
+                      batches: list[CalibrationBatch], calibration_seconds: float, layer_seconds: list[float],
+                      started: float, dropped_keys: list[str]) -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    before = sum(r.error_before for r in modules)
+    after = sum(r.error_after for r in modules)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+    return {
+        "quailora_convert": __version__,
+        "source": {"model": s.model, "repo_id": source.repo_id, "commit": source.commit, "gguf": source.gguf},
+        "quantization": {"bits": quantizer.bits, "type": quantizer.name},
+        "settings": settings,
+        "calibration": {"samples": sum(len(b.input_ids) for b in batches),
+                        "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))},
+        "summary": {"modules": len(modules), "error_before": before, "error_after": after,
+                    "relative_error_after": after / before if before else None},
+        "modules": [asdict(r) for r in modules],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__},
+        "timings": {"calibration_seconds": calibration_seconds, "layer_seconds": layer_seconds,
+                    "total_seconds": time.perf_counter() - started},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "dropped_checkpoint_keys": dropped_keys,
+    }

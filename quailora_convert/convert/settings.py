@@ -1,0 +1,65 @@
+"""What a conversion is asked to do: every option and its default, in one place (the CLI reads them here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..bundle.writer import DEFAULT_MAX_SHARD_BYTES
+from ..core.quantize import QUANTIZERS
+from ..core.solvers import DEFAULT_DAMP, SOLVERS
+from ..errors import BadInputError
+
+
+@dataclass
+class ConvertSettings:
+    model: str
+    out: Path
+    calib: str
+    calib_split: str | None = None  # Hub datasets: the split (None: train)
+    calib_field: str | None = None  # Hub datasets: the text column (None: Alpaca columns or 'text')
+    bits: int = 4
+    rank: int = 64
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+    solver: str = "exact"
+    als_steps: int = 20
+    damp: float = DEFAULT_DAMP
+    target_modules: str | list[str] = "all-linear"
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    revision: str | None = None
+    overwrite: bool = False
+    allow_pickle: bool = False  # pytorch_model*.bin sources: unpickling can run code
+    trust_remote_code: bool = False  # models whose config.json names custom code (auto_map)
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+    def validate(self) -> None:
+        """One BadInputError line for the first option that cannot work."""
+        if self.solver not in SOLVERS:
+            raise BadInputError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.rank < 1:
+            raise BadInputError(f"--rank must be >= 1, got {self.rank}")
+        if not self.lora_alpha > 0:
+            raise BadInputError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if self.batch_size < 1 or self.als_steps < 0:
+            raise BadInputError("--batch-size must be >= 1 and --als-steps >= 0")
+        if self.bits not in QUANTIZERS:
+            raise BadInputError(f"--bits must be 4 (NF4) or 8 (int8), got {self.bits}")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise BadInputError(f"--device {name!r} is not a device (auto, cpu, cuda:0, ...)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return device

@@ -1,0 +1,126 @@
+"""Lazy reading of a safetensors checkpoint and per-module materialisation onto a meta skeleton."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..bundle.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from ..errors import BadInputError, UnsupportedModelError
+
+
+class CheckpointReader:
+    """Tensors of a (possibly sharded) safetensors checkpoint, read one at a time.
+
+    File handles are opened on demand and dropped by release(): a memory-mapped shard keeps the
+    pages it has served resident, so the pipeline releases after each layer to bound its RSS.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.key_to_file = _key_to_file(self.folder)
+        self._handles: dict[str, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def files(self) -> list[str]:
+        return sorted(set(self.key_to_file.values()))
+
+    def get(self, key: str) -> torch.Tensor:
+        filename = self.key_to_file[key]
+        if filename not in self._handles:
+            self._handles[filename] = safe_open(str(self.folder / filename), framework="pt")
+        return self._handles[filename].get_tensor(key)
+
+    def release(self) -> None:
+        self._handles.clear()
+
+
+def _key_to_file(folder: Path) -> dict[str, str]:
+    index = folder / SAFETENSORS_INDEX
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = folder / SAFETENSORS_SINGLE
+    if single.exists():
+        with safe_open(str(single), framework="pt") as f:
+            return {k: SAFETENSORS_SINGLE for k in f.keys()}
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise UnsupportedModelError(f"{folder} holds only pickle (.bin) weights; pass --allow-pickle if you trust them")
+    raise BadInputError(f"{folder} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}")
+
+
+class KeyMap:
+    """Translates between the skeleton's state-dict names and the checkpoint's keys.
+
+    A checkpoint key is first renamed as transformers renames it on loading (rename: GPT-NeoX's
+    "embed_out" is the model's "lm_head"); some checkpoints also drop the base-model prefix (GPT-2's
+    "h.0.attn..." for "transformer.h.0.attn...").
+    """
+
+    def __init__(self, model_keys: list[str], checkpoint_keys: list[str], base_prefix: str,
+                 rename: Callable[[str], str] = lambda key: key):
+        wanted = set(model_keys)
+        renamed = {key: rename(key) for key in checkpoint_keys}
+        self.to_checkpoint: dict[str, str] = {}
+        for with_prefix in (False, True):  # a key found as is wins over one found by adding the prefix
+            for key, name in renamed.items():
+                if with_prefix:
+                    name = f"{base_prefix}.{name}" if base_prefix else None
+                if name in wanted and name not in self.to_checkpoint:
+                    self.to_checkpoint[name] = key
+        self.to_model = {c: m for m, c in self.to_checkpoint.items()}
+
+    def checkpoint_key(self, model_key: str) -> str:
+        try:
+            return self.to_checkpoint[model_key]
+        except KeyError:
+            raise UnsupportedModelError(f"the checkpoint has no tensor for {model_key}") from None
+
+    def model_key(self, checkpoint_key: str) -> str:
+        return self.to_model.get(checkpoint_key, checkpoint_key)
+
+
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, key_map: KeyMap,
+                device: torch.device, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Load module's own parameters from the checkpoint onto device as dtype (float only).
+
+    Returns each parameter's stored dtype, by name relative to module.
+    """
+    stored: dict[str, torch.dtype] = {}
+    for name, param in list(module.named_parameters()):
+        tensor = reader.get(key_map.checkpoint_key(f"{prefix}{name}"))
+        if tensor.shape != param.shape:
+            raise UnsupportedModelError(
+                f"{prefix}{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(param.shape)}"
+            )
+        stored[name] = tensor.dtype
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        setattr(owner, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+    return stored
+
+
+def release(module: nn.Module) -> None:
+    """Send module's parameters back to the meta device, freeing their memory."""
+    module.to("meta")
+
+
+def transformers_renaming(model: nn.Module) -> Callable[[str], str]:
+    """The checkpoint-key renaming transformers applies when it loads model (renamings only).
+
+    Converters that merge or split tensors (fused MoE experts) are not one-to-one and are left
+    out: such a model fails with "the checkpoint has no tensor for ...". Identity when this
+    transformers has no conversion mapping.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return lambda key: key
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return lambda key: apply_renamings(key, renamings)
