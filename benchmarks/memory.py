@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quailora_convert.bundle.layout import CONFIG, REPORT
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "calib" / "self_instruct_alpaca.jsonl"
 DEFAULT_TOKENIZER = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
@@ -149,7 +151,7 @@ def run_conversion(model: Path, out: Path, args, log_path: Path) -> dict:
     if proc.returncode != 0:
         sys.stdout.write(log_path.read_text())
         raise SystemExit(f"conversion of {model} failed with exit code {proc.returncode}")
-    report = json.loads((out / "quailora_report.json").read_text())
+    report = json.loads((out / REPORT).read_text())
     return {"wall_seconds": wall, "peak_rss_wait4": usage.ru_maxrss * 1024, "peak_rss_report": report["peak_rss_bytes"],
             "relative_error_after": report["summary"]["relative_error_after"],
             "bundle_bytes": folder_bytes(out), "log": log_path.read_text()}
@@ -188,7 +190,7 @@ def main() -> int:
         rows = []
         for layers in args.layers:
             model = work / f"llama-{layers}l"
-            if not (model / "config.json").exists():
+            if not (model / CONFIG).exists():
                 # built in a subprocess too, so the parent stays small
                 subprocess.run([sys.executable, "-c",
                                 "import sys, runpy; sys.argv = sys.argv[1:]; "

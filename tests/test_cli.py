@@ -98,3 +98,10 @@ def test_option_defaults_are_the_settings_defaults():
     shared = set(options) & set(settings)
     assert shared == set(settings) - {"damp", "max_shard_bytes"}  # the library-only settings
     assert {name: options[name] for name in shared} == {name: settings[name] for name in shared}
+
+
+def test_the_command_line_starts_without_torch():
+    """--help, inspect and push-to-hub stay instant: torch and transformers load only when a command needs them."""
+    code = "import sys, quailora_cli.main; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -1,14 +1,17 @@
-"""Every file name of a bundle, and the rule that reads a checkpoint's dtype from its config.
+"""Every file name of a bundle, the shard index format, and the rule that reads a checkpoint's dtype.
 
 A bundle is a Hugging Face checkpoint folder, so the checkpoint names here (config.json,
-model.safetensors, its index) are also the ones a source folder is read by.
+model.safetensors, its index) are also the ones a source folder is read by. Importing this module
+costs nothing (no torch): the CLI reads it before any command runs.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -23,6 +26,7 @@ COPIED_FROM_SOURCE = [
     "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
     "*.model", "*.tiktoken", "chat_template*",
 ]
+DEFAULT_MAX_SHARD_BYTES = 1 << 30  # a base shard is closed once it holds this much
 
 
 def shard_name(number: int, count: int) -> str:
@@ -35,6 +39,21 @@ def open_shard_name(number: int) -> str:
     return f"model-{number:05d}.safetensors"
 
 
+def index_json(weight_map: dict[str, str], total_size: int) -> dict:
+    """A shard index (model.safetensors.index.json, or its pickle twin): tensor name -> shard file."""
+    return {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """tensor name -> shard file, from a shard index."""
+    return dict(json.loads(Path(index).read_text())["weight_map"])
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard files a shard index lists, sorted, once each."""
+    return sorted(set(read_weight_map(index).values()))
+
+
 def read_config(folder: Path) -> dict:
     """config.json of a checkpoint folder, as a dict."""
     return json.loads((Path(folder) / CONFIG).read_text())
@@ -42,6 +61,8 @@ def read_config(folder: Path) -> dict:
 
 def config_dtype(config: dict) -> torch.dtype | None:
     """The dtype config.json declares (`dtype`, or the older `torch_dtype`), None when it names none."""
+    import torch
+
     name = config.get("dtype") or config.get("torch_dtype")
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from ..errors import BadInputError
-from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, CONFIG, EVAL, REPORT, SAFETENSORS_INDEX,
-                     SAFETENSORS_SINGLE)
+from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, CONFIG, EVAL, REPORT, SAFETENSORS_INDEX, SAFETENSORS_SINGLE,
+                     index_shards, read_config)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -35,7 +35,7 @@ def missing_files(folder: Path) -> list[str]:
         missing.insert(0, CONFIG)
     else:
         try:
-            quantized = "quantization_config" in json.loads(config.read_text())
+            quantized = "quantization_config" in read_config(folder)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
             quantized = False
         if not quantized:
@@ -43,7 +43,7 @@ def missing_files(folder: Path) -> list[str]:
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = index_shards(index)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
             return missing + [f"a readable {SAFETENSORS_INDEX}"]
         missing += [shard for shard in shards if not (folder / shard).is_file()]

@@ -39,6 +39,10 @@ class SafetensorsStreamWriter:
         self._data.write(raw)
         self.nbytes += len(raw)
 
+    def discard(self) -> None:
+        """Stop writing: close the side file (its folder is being removed)."""
+        self._data.close()
+
     def names(self) -> list[str]:
         return list(self._header)
 

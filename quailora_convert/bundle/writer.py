@@ -18,11 +18,9 @@ from ..errors import BadInputError
 from . import layout
 from .safetensors_stream import SafetensorsStreamWriter
 
-DEFAULT_MAX_SHARD_BYTES = 1 << 30
-
 
 class BundleWriter:
-    def __init__(self, out: Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(self, out: Path, overwrite: bool = False, max_shard_bytes: int = layout.DEFAULT_MAX_SHARD_BYTES):
         self.out = Path(out).resolve()
         if self.out.exists() and not overwrite and (not self.out.is_dir() or any(self.out.iterdir())):
             raise BadInputError(f"--out {out} already exists; choose another folder or pass --overwrite")
@@ -80,7 +78,7 @@ class BundleWriter:
             shard.path.rename(final)
             weight_map.update({name: final.name for name in shard.names()})
             total += shard.nbytes
-        self.write_json(layout.SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        self.write_json(layout.SAFETENSORS_INDEX, layout.index_json(weight_map, total))
 
     def finish(self) -> Path:
         self._close_shards()
@@ -94,4 +92,6 @@ class BundleWriter:
         return self.out
 
     def abort(self) -> None:
+        for stream in (self._adapter, *self._shards):
+            stream.discard()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -32,8 +32,8 @@ class LayerCall:
     kwargs: dict[str, object] = field(default_factory=dict)
 
 
-def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches, device: torch.device,
-                        dtype: torch.dtype) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[CalibrationBatch],
+                        device: torch.device) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
     """Run the model front on every batch; return layer-0 inputs (on CPU) and every layer's call.
 
     calls[layer][batch] holds the keyword arguments (KV cache dropped, use_cache False), with
@@ -43,7 +43,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches, device
     calls: list[list[LayerCall]] = [[] for _ in layers]
     for batch in batches:
         offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded, dtype) for i, layer in enumerate(layers)]
+        recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded) for i, layer in enumerate(layers)]
         for layer, recorder in zip(layers, recorders):
             layer.forward = recorder
         try:
@@ -59,7 +59,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches, device
 
 
 def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], hidden: list[torch.Tensor],
-              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype):
+              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]]):
     signature = inspect.signature(type(layer).forward)
 
     def record(*args, **kwargs):
@@ -77,7 +77,7 @@ def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], 
             arguments["use_cache"] = False
         calls.append(LayerCall({k: _offload(v, offloaded) for k, v in arguments.items()}))
         if index == 0:
-            hidden.append(hidden_states.detach().to("cpu", dtype))
+            hidden.append(hidden_states.detach().to("cpu", CALIBRATION_DTYPE))
         if index == count - 1:
             raise _StopForward
         return (hidden_states,)  # ignored: only layer 0's input is kept

@@ -43,7 +43,8 @@ class LayerConverter:
         reports = []
         for name, module in linear_modules(layer).items():
             report = self._convert_linear(prefix, name, module, stored[f"{name}.weight"], hessians, name in targets)
-            reports += [report] if report is not None else []
+            if report is not None:
+                reports.append(report)
         self._copy_extras(prefix, layer)
         release(layer)
         self.reader.release()

@@ -29,26 +29,25 @@ from ..model_card import render_model_card
 from ..sources.checkpoint import CheckpointReader, KeyMap, transformers_renaming
 from ..sources.resolve import ModelSource, open_model
 from .architectures import find_decoder_layers, layer_targets, linear_modules
-from .capture import CALIBRATION_DTYPE, capture_layer_calls
+from .capture import capture_layer_calls
 from .layer import LayerConverter
 from .report import conversion_report
 from .settings import ConvertSettings, resolve_device
 from .skeleton import build_skeleton, front_materialized
 
 
-def convert(settings: ConvertSettings, on_event: Listener = ignore, *, source: ModelSource | None = None) -> Path:
+def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: ModelSource | None = None) -> Path:
     """Convert settings.model into a bundle at settings.out; returns the bundle's path.
 
-    source: MODEL already opened (open_source; its temporary folders stay the caller's to remove),
-    e.g. to share one dequantized GGUF copy between convert and a following evaluate.
+    opened: settings.model already opened (open_source; its temporary folders stay the caller's to
+    remove), e.g. to share one dequantized GGUF copy between convert and a following evaluate.
     """
     settings.validate()
-    started = time.perf_counter()
     device = resolve_device(settings.device)
     quantizer = quantizer_for(settings.bits)
     with ExitStack() as stack:
-        if source is None:
-            source = stack.enter_context(open_source(settings, on_event))
+        source = opened if opened is not None else stack.enter_context(open_source(settings, on_event))
+        started = time.perf_counter() - source.open_seconds  # opening the source counts, whoever opened it
         on_event(SourceResolved(source.folder, source.repo_id, source.commit, source.gguf))
         out, report = _convert(settings, source, quantizer, device, on_event, started)
     on_event(ConversionDone(out, report))
@@ -73,7 +72,7 @@ def _convert(settings: ConvertSettings, source: ModelSource, quantizer: Quantize
     with BundleWriter(settings.out, settings.overwrite, settings.max_shard_bytes) as writer:  # fails early if --out exists
         on_event(Status("capturing calibration activations"))
         with front_materialized(model, layers_path, reader, key_map, device):
-            hidden, calls = capture_layer_calls(model, layers, batches, device, CALIBRATION_DTYPE)
+            hidden, calls = capture_layer_calls(model, layers, batches, device)
         calibration_seconds = time.perf_counter() - started
         on_event(Calibrated(sum(len(b.input_ids) for b in batches), calibration_seconds))
 

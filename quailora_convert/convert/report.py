@@ -1,7 +1,6 @@
 """quailora_report.json: per module the calibrated error before and after, plus settings, versions, timings."""
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,6 +63,12 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
                      "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__},
         "timings": {"calibration_seconds": calibration_seconds, "layer_seconds": layer_seconds,
                     "total_seconds": time.perf_counter() - started},
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _peak_rss_bytes(),
         "dropped_checkpoint_keys": dropped_keys,
     }
+
+
+def _peak_rss_bytes() -> int:
+    import resource  # POSIX only: imported when a report is written, not with the package
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,15 +1,19 @@
-"""What a conversion is asked to do: every option and its default, in one place (the CLI reads them here)."""
+"""What a conversion is asked to do: every option and its default, in one place (the CLI reads them here).
+
+Importing this module costs nothing (no torch): the CLI builds its options from it before any command runs.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..bundle.writer import DEFAULT_MAX_SHARD_BYTES
-from ..core.quantize import QUANTIZERS
-from ..core.solvers import DEFAULT_DAMP, SOLVERS
+from ..bundle.layout import DEFAULT_MAX_SHARD_BYTES
+from ..core.options import DEFAULT_DAMP, SOLVERS
 from ..errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -39,7 +43,9 @@ class ConvertSettings:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
     def validate(self) -> None:
-        """One BadInputError line for the first option that cannot work."""
+        """One BadInputError line for the first option that cannot work (before any model is read)."""
+        from ..core.quantize import QUANTIZERS
+
         if self.solver not in SOLVERS:
             raise BadInputError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
         if self.rank < 1:
@@ -48,12 +54,16 @@ class ConvertSettings:
             raise BadInputError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if self.batch_size < 1 or self.als_steps < 0:
             raise BadInputError("--batch-size must be >= 1 and --als-steps >= 0")
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise BadInputError("--num-samples must be >= 1 and --seq-len >= 2")
         if self.bits not in QUANTIZERS:
             raise BadInputError(f"--bits must be 4 (NF4) or 8 (int8), got {self.bits}")
         resolve_device(self.device)
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

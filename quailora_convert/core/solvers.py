@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SOLVERS = ("exact", "als", "svd")
-DEFAULT_DAMP = 1e-6  # eigenvalue floor, relative to the mean eigenvalue of H
+from .options import DEFAULT_DAMP, SOLVERS
 
 
 @dataclass(frozen=True)

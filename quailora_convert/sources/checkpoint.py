@@ -1,7 +1,6 @@
 """Lazy reading of a safetensors checkpoint and per-module materialisation onto a meta skeleton."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -9,7 +8,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..bundle.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from ..bundle.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_weight_map
 from ..errors import BadInputError, UnsupportedModelError
 
 
@@ -28,9 +27,6 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
-    def files(self) -> list[str]:
-        return sorted(set(self.key_to_file.values()))
-
     def get(self, key: str) -> torch.Tensor:
         filename = self.key_to_file[key]
         if filename not in self._handles:
@@ -44,7 +40,7 @@ class CheckpointReader:
 def _key_to_file(folder: Path) -> dict[str, str]:
     index = folder / SAFETENSORS_INDEX
     if index.exists():
-        return dict(json.loads(index.read_text())["weight_map"])
+        return read_weight_map(index)
     single = folder / SAFETENSORS_SINGLE
     if single.exists():
         with safe_open(str(single), framework="pt") as f:

@@ -8,7 +8,6 @@ size in float32 once, so this is meant for small models (demos, tests, laptops).
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,15 +36,12 @@ def dequantized_gguf(gguf: Path) -> Iterator[Path]:
 
 
 def materialize_gguf(gguf: Path, out: Path, dtype: torch.dtype = DEFAULT_DTYPE, shard_size: str = "200MB") -> Path:
-    """Dequantize gguf into the new folder out: config, tokenizer, shards."""
+    """Dequantize gguf into out (a folder of a temporary directory): config, tokenizer, shards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise BadInputError(f"MODEL {gguf}: no such GGUF file")
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
         with _transformers_progress_switch():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -61,10 +57,8 @@ def materialize_gguf(gguf: Path, out: Path, dtype: torch.dtype = DEFAULT_DTYPE, 
     model.load_state_dict({k: v.to(dtype) for k, v in loaded.state_dict().items()}, assign=True, strict=False)
     model.tie_weights()
     del loaded
-    model.save_pretrained(partial, max_shard_size=shard_size)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+    model.save_pretrained(out, max_shard_size=shard_size)
+    tokenizer.save_pretrained(out)
     log.info("dequantized %s into %s", gguf.name, out)
     return out
 

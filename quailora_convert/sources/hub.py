@@ -1,10 +1,9 @@
 """A model from the Hugging Face Hub: what a conversion reads, downloaded at one commit."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..bundle.layout import CONFIG, COPIED_FROM_SOURCE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from ..bundle.layout import CONFIG, COPIED_FROM_SOURCE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, index_shards
 from ..errors import BadInputError, UnsupportedModelError
 from .pickled import PICKLE_INDEX, PICKLE_SINGLE
 
@@ -36,7 +35,7 @@ def _download_shards(repo_id: str, commit: str, folder: Path, single: str) -> No
     from huggingface_hub import hf_hub_download
 
     index = folder / f"{single}.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [single]
+    shards = index_shards(index) if index.exists() else [single]
     for shard in shards:
         hf_hub_download(repo_id, shard, revision=commit)
 

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from ..bundle.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, shard_name
+from ..bundle.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, index_json, index_shards, shard_name
 from ..bundle.safetensors_stream import SafetensorsStreamWriter
 from ..errors import UnsupportedModelError
 
@@ -30,7 +30,7 @@ def pickle_shards(folder: Path) -> list[str]:
         return []
     index = folder / PICKLE_INDEX
     if index.exists():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return index_shards(index)
     return [PICKLE_SINGLE] if (folder / PICKLE_SINGLE).exists() else []
 
 
@@ -61,8 +61,7 @@ def to_safetensors(folder: Path, shards: list[str], out: Path) -> Path:
         writer.close()
         total += writer.nbytes
         del state
-    (out / SAFETENSORS_INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / SAFETENSORS_INDEX).write_text(json.dumps(index_json(weight_map, total), indent=2))
     for path in folder.iterdir():  # config, tokenizer, generation config, custom code
         if path.is_file() and not path.name.endswith(".bin") and path.name != PICKLE_INDEX:
             shutil.copyfile(path, out / path.name)

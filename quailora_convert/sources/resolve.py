@@ -6,8 +6,9 @@ are converted into temporary folders that are removed when the block ends.
 """
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +24,7 @@ class ModelSource:
     repo_id: str | None = None  # None for a local folder
     commit: str | None = None
     gguf: str | None = None  # the .gguf file MODEL named; folder is then a temporary dequantized copy
+    open_seconds: float = 0.0  # spent resolving it: downloading, dequantizing, converting
 
 
 @contextmanager
@@ -32,8 +34,10 @@ def open_model(model: str, revision: str | None = None, allow_pickle: bool = Fal
 
     on_status hears about slow steps before they start (dequantizing a GGUF file).
     """
+    started = time.perf_counter()
     with ExitStack() as temporary:
-        yield _resolve(model, revision, allow_pickle, trust_remote_code, on_status, temporary)
+        source = _resolve(model, revision, allow_pickle, trust_remote_code, on_status, temporary)
+        yield replace(source, open_seconds=time.perf_counter() - started)
 
 
 def _resolve(model: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool,
