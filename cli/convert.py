@@ -58,7 +58,8 @@ def convert(
         "Run the model's own modeling code (auto_map)."))] = DEFAULT["trust_remote_code"],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the bundle's path.")] = False,
     with_eval: Annotated[bool, typer.Option("--eval", help="Then run `eval` on the bundle (see eval --help).")] = False,
-    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="--data of --eval (default: self).")] = EVAL_DEFAULT["data"],
+    eval_data: Annotated[Optional[str], typer.Option(
+        "--eval-data", help="--data of --eval (default: self).")] = EVAL_DEFAULT["data"],
     eval_num_samples: Annotated[int, typer.Option("--eval-num-samples", help=(
         "--num-samples of --eval."))] = EVAL_DEFAULT["num_samples"],
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="--seq-len of --eval.")] = EVAL_DEFAULT["seq_len"],

@@ -29,7 +29,8 @@ def eval_command(
         "The source model (folder, .gguf or Hub id); default: the MODEL in the bundle's report."))] = EVAL_DEFAULT["source"],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = EVAL_DEFAULT["batch_size"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of held-out sampling.")] = EVAL_DEFAULT["seed"],
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = EVAL_DEFAULT["json_path"],
+    json_path: Annotated[Optional[Path], typer.Option(
+        "--json", help="Also write the result here.")] = EVAL_DEFAULT["json_path"],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the path of the result JSON.")] = False,
 ) -> None:
     """Perplexity of DIR with and without its adapter, and of the source in full precision and int8.

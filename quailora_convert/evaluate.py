@@ -89,7 +89,8 @@ def _loaders(bundle: Path, source_folder: Path | None, dtype: torch.dtype) -> li
     """(row name, model loader, adapter disabled) for every row, in table order."""
     loaders: list[tuple[str, Callable[[], object], bool]] = []
     if source_folder is not None:
-        loaders.append((f"{ROW_SOURCE} ({str(dtype).removeprefix('torch.')})", lambda: _load_source(source_folder, dtype), False))
+        source_row = f"{ROW_SOURCE} ({str(dtype).removeprefix('torch.')})"
+        loaders.append((source_row, lambda: _load_source(source_folder, dtype), False))
         loaders.append((ROW_INT8, lambda: _load_source(source_folder, dtype, int8=True), False))
     load_bundle = cache(lambda: _load_bundle(bundle, dtype))  # one load serves both bundle rows
     loaders.append((ROW_PLAIN, load_bundle, True))

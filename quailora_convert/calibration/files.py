@@ -25,7 +25,8 @@ def read_file_texts(path: Path) -> list[str]:
         if not isinstance(records, list):
             raise BadInputError(f"{path}: expected a JSON list of records")
     else:
-        raise BadInputError(f"--calib {path}: unsupported extension {suffix!r}; use {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}")
+        raise BadInputError(f"--calib {path}: unsupported extension {suffix!r}; "
+                            f"use {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}")
     texts = [format_record(r, f"{path} record {i}") for i, r in enumerate(records)]
     if not texts:
         raise BadInputError(f"{path} has no records")
