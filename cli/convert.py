@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from quailora_cli.app import app, defaults_of
-from quailora_cli.evaluate import EVAL_DEFAULT
+from quailora_cli.evaluate import EVAL_DEFAULT, run_eval
 from quailora_cli.progress import Reporter, choose_mode
 from quailora_convert.convert.settings import ConvertSettings
 from quailora_convert.eval_settings import EvalSettings
@@ -78,7 +78,6 @@ def convert_then_eval(settings: ConvertSettings, mode: str, evaluation: dict | N
 
     The source is opened once for both, so a .gguf file is dequantized once.
     """
-    from quailora_cli.evaluate import run_eval
     from quailora_convert.convert.allocator import serve_large_blocks_from_mmap
     from quailora_convert.convert.pipeline import convert, open_source
 
