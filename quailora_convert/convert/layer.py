@@ -40,12 +40,13 @@ class LayerConverter:
         stored = materialize(layer, prefix, self.reader, self.key_map, self.device, CALIBRATION_DTYPE)
         self.stored_dtypes.update(stored.values())
         hessians = accumulate_hessians(layer, targets, hidden, calls, self.batches, self.device)
+        linears = linear_modules(layer)
         reports = []
-        for name, module in linear_modules(layer).items():
+        for name, module in linears.items():
             report = self._convert_linear(prefix, name, module, stored[f"{name}.weight"], hessians, name in targets)
             if report is not None:
                 reports.append(report)
-        self._copy_extras(prefix, layer)
+        self._copy_extras(prefix, layer, linears)
         release(layer)
         self.reader.release()
         return reports
@@ -75,9 +76,9 @@ class LayerConverter:
         self.writer.add_adapter_tensor(adapter_key(path, "lora_B"), lora_B)
         return module_report(path, f"{prefix}{hessians.leader[name]}", E, H, correction, rank)
 
-    def _copy_extras(self, prefix: str, layer: nn.Module) -> None:
-        """Norms, biases and persistent buffers of the layer, copied as stored."""
-        quantized = {f"{prefix}{name}.weight" for name in linear_modules(layer)}
+    def _copy_extras(self, prefix: str, layer: nn.Module, linears: dict[str, nn.Module]) -> None:
+        """Norms, biases and persistent buffers of the layer (all but its linears' weights), copied as stored."""
+        quantized = {f"{prefix}{name}.weight" for name in linears}
         for name in layer.state_dict():
             key = f"{prefix}{name}"
             if key not in quantized and key in self.key_map.to_checkpoint:

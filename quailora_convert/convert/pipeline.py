@@ -123,8 +123,9 @@ def _write_configs(writer: BundleWriter, s: ConvertSettings, source: ModelSource
     """config.json with quantization_config, adapter_config.json, and the source's tokenizer files."""
     source_config = read_config(source.folder)  # the original text, untouched but for quantization_config
     compute_dtype = config_dtype(source_config) or (next(iter(stored_dtypes)) if len(stored_dtypes) == 1 else torch.float32)
-    decoder_linears = {n for n in linear_modules(model) if n.startswith(layers_path + ".")}
-    skip = [n for n in linear_modules(model) if n not in decoder_linears]  # left in full precision
+    linears = list(linear_modules(model))
+    decoder_linears = {n for n in linears if n.startswith(layers_path + ".")}
+    skip = [n for n in linears if n not in decoder_linears]  # left in full precision
     writer.write_json(CONFIG, quantized_config(source_config, quantizer.loader_options(compute_dtype), skip))
     targeted = {f"{layers_path}.{i}.{n}" for i, chosen in enumerate(targets) for n in chosen}
     writer.write_json(ADAPTER_CONFIG, adapter_config(
