@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from quailora_cli.app import app, defaults_of
-from quailora_cli.evaluate import EVAL_DEFAULT, run_eval
+from quailora_cli.evaluate import EVAL_DEFAULT, VerboseOption, run_eval
 from quailora_cli.progress import Reporter, choose_mode
 from quailora_convert.convert.settings import ConvertSettings
 from quailora_convert.eval_settings import EvalSettings
@@ -51,12 +51,23 @@ def convert(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda:0, ...")] = DEFAULT["device"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of calibration sampling.")] = DEFAULT["seed"],
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")] = DEFAULT["revision"],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = DEFAULT["overwrite"],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=(
+        "Replace an existing --out, and discard an interrupted run's state (OUT.quailora-work)."))] = DEFAULT["overwrite"],
+    resume: Annotated[bool, typer.Option("--resume", help=(
+        "Continue an interrupted run (killed, out of memory, SIGTERM) from its last finished layer; the result is "
+        "byte-identical to an uninterrupted run. Refused if the source, settings or versions differ."))] = DEFAULT["resume"],
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=(
         "Accept pickle-only (.bin) weights; unpickling can run code."))] = DEFAULT["allow_pickle"],
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=(
         "Run the model's own modeling code (auto_map)."))] = DEFAULT["trust_remote_code"],
+    max_shard_bytes: Annotated[int, typer.Option("--max-shard-bytes", help=(
+        "Start a new base shard once one holds this many bytes."))] = DEFAULT["max_shard_bytes"],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=(
+        "Print the plan and write nothing: layers, modules, calibration tokens, estimated peak host and device "
+        "memory, bundle and disk bytes, and seconds (from timing one random-weight layer on the device)."))] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the bundle's path.")] = False,
+    verbose: VerboseOption = False,
     with_eval: Annotated[bool, typer.Option("--eval", help="Then run `eval` on the bundle (see eval --help).")] = False,
     eval_data: Annotated[Optional[str], typer.Option(
         "--eval-data", help="--data of --eval (default: self).")] = EVAL_DEFAULT["data"],
@@ -68,6 +79,11 @@ def convert(
     options = {name: value for name, value in ctx.params.items() if name in SETTINGS}
     options["target_modules"] = _target_modules(target_modules)
     settings = ConvertSettings(**options)
+    if dry_run or as_json:
+        if not dry_run:
+            raise typer.BadParameter("--json goes with --dry-run")
+        print_plan(settings, as_json, choose_mode(quiet or as_json))
+        return
     evaluation = dict(data=eval_data, num_samples=eval_num_samples, seq_len=eval_seq_len) if with_eval else None
     path = convert_then_eval(settings, choose_mode(quiet), evaluation)
     typer.echo(str(path) if quiet else f"bundle written to {path}")
@@ -80,10 +96,12 @@ def convert_then_eval(settings: ConvertSettings, mode: str, evaluation: dict | N
     """
     from quailora_convert.convert.allocator import serve_large_blocks_from_mmap
     from quailora_convert.convert.pipeline import convert, open_source
+    from quailora_convert.stopping import stop_on_signals
 
     settings.validate()  # before the source is opened (a GGUF file dequantized)
     serve_large_blocks_from_mmap()  # peak RSS must not grow with the number of layers
     with ExitStack() as sources:
+        sources.enter_context(stop_on_signals())  # SIGTERM / Ctrl-C: stop at a resume point
         with Reporter(mode) as reporter:
             opened = sources.enter_context(open_source(settings, reporter)) if evaluation is not None else None
             path = convert(settings, on_event=reporter, opened=opened)
@@ -91,6 +109,27 @@ def convert_then_eval(settings: ConvertSettings, mode: str, evaluation: dict | N
             with Reporter(mode) as reporter:
                 run_eval(EvalSettings(bundle=path, **evaluation), reporter, opened=opened)
     return path
+
+
+def print_plan(settings: ConvertSettings, as_json: bool, mode: str) -> None:
+    import json
+
+    from quailora_convert.convert.pipeline import dry_run
+
+    with Reporter(mode) as reporter:
+        plan = dry_run(settings, on_event=reporter)
+    if as_json:
+        typer.echo(json.dumps(plan.as_json(), indent=2))
+        return
+    gib = 1 << 30
+    typer.echo(f"plan for {settings.model} -> {settings.out} (nothing written)\n"
+               f"  layers {plan.layers}, targeted modules {plan.targeted_modules}, parameters {plan.parameters:,}\n"
+               f"  calibration: {plan.calibration_samples} samples, {plan.calibration_tokens:,} tokens\n"
+               f"  peak host memory ~{plan.peak_host_bytes / gib:.2f} GiB, peak device memory "
+               f"~{plan.peak_device_bytes / gib:.2f} GiB{' (the device is the host)' if not plan.peak_device_bytes else ''}\n"
+               f"  bundle ~{plan.bundle_bytes / gib:.3f} GiB, disk during the run ~{plan.disk_bytes / gib:.3f} GiB "
+               f"(bundle + work folder)\n"
+               f"  time ~{plan.seconds / 60:.1f} min ({plan.seconds:.0f} s)")
 
 
 def _target_modules(option: str) -> str | list[str]:

@@ -8,6 +8,7 @@ import typer
 
 from quailora_cli.app import app
 from quailora_cli.convert import convert_then_eval
+from quailora_cli.evaluate import VerboseOption
 from quailora_cli.progress import Reporter, choose_mode
 from quailora_convert.bundle.layout import REPORT
 from quailora_convert.convert.settings import ConvertSettings
@@ -22,6 +23,7 @@ def demo(
         "Smaller budget (rank 8, 8 x 128-token samples): measured 3m38s on 2 CPU cores."))] = False,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Where the downloaded .gguf is kept.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the bundle's path.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Offline end to end on CPU: convert SmolLM2-135M-Instruct and print its perplexity table.
 

@@ -17,6 +17,20 @@ if TYPE_CHECKING:
 EVAL_DEFAULT = defaults_of(EvalSettings)
 
 
+def _quiet_libraries(ctx: typer.Context, verbose: bool) -> bool:
+    """--verbose's callback: the whole command runs inside quiet_libraries(verbose), left when the command ends."""
+    from quailora_convert.quiet_libraries import quiet_libraries
+
+    if not ctx.resilient_parsing:
+        ctx.with_resource(quiet_libraries(verbose))
+    return verbose
+
+
+# Any command's `verbose: VerboseOption = False` parameter: library warnings filtered unless --verbose.
+VerboseOption = Annotated[bool, typer.Option("--verbose", callback=_quiet_libraries, help=(
+    "Also show the libraries' warnings that nothing on the command line can change (filtered by default)."))]
+
+
 @app.command("eval")
 def eval_command(
     bundle: Annotated[Path, typer.Argument(help="A bundle folder written by convert.")],
@@ -32,6 +46,7 @@ def eval_command(
     json_path: Annotated[Optional[Path], typer.Option(
         "--json", help="Also write the result here.")] = EVAL_DEFAULT["json_path"],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the path of the result JSON.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Perplexity of DIR with and without its adapter, and of the source in full precision and int8.
 

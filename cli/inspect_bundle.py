@@ -16,15 +16,20 @@ def inspect_bundle(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by quailora-convert.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Show a bundle's source, quantization, LoRA settings, solver, calibration, error report and eval."""
-    from quailora_convert.bundle.read import describe_bundle
+    """Show a bundle's source, quantization, LoRA settings, solver, calibration, error report and eval.
+
+    An incomplete or damaged bundle is still shown (what its JSON files say), then refused: one error
+    line naming what is missing or broken, exit 2.
+    """
+    from quailora_convert.bundle.read import describe_bundle, verify_bundle
 
     info = describe_bundle(bundle)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
-        return
-    for label, value in summary_lines(info):
-        typer.echo(f"{label + ':':<14}{value}")
+    else:
+        for label, value in summary_lines(info):
+            typer.echo(f"{label + ':':<14}{value}")
+    verify_bundle(bundle)  # reads JSON files and safetensors headers only
 
 
 def summary_lines(info: dict) -> list[tuple[str, str]]:

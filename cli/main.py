@@ -13,7 +13,7 @@ from quailora_cli import evaluate as _evaluate_commands  # noqa: F401  registers
 from quailora_cli import inspect_bundle as _inspect_commands  # noqa: F401  registers `inspect`
 from quailora_cli import publish as _publish_commands  # noqa: F401  registers `push-to-hub`
 from quailora_cli.app import app
-from quailora_convert.errors import QuailoraError
+from quailora_convert.errors import Interrupted, QuailoraError
 
 ERROR_MESSAGES: list[tuple[type[BaseException], str]] = [
     (QuailoraError, "{error}"),
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         app(args=argv, prog_name="quailora-convert")  # usage errors: click's message, exit 2
+    except Interrupted as stop:  # SIGTERM / SIGINT: the run stopped at a resume point
+        typer.echo(str(stop), err=True)
+        raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a conversion
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
     except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
         _fail(error)
 
@@ -39,9 +45,10 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(error: BaseException) -> None:
     if os.environ.get("QUAILORA_DEBUG"):
         raise error
+    notes = "".join(f"; {note}" for note in getattr(error, "__notes__", []))  # e.g. where the finished layers are kept
     for kind, template in ERROR_MESSAGES:
         if isinstance(error, kind):
-            typer.echo(f"error: {template.format(error=error)}", err=True)
+            typer.echo(f"error: {template.format(error=error)}{notes}", err=True)
             raise SystemExit(2 if isinstance(error, QuailoraError) else 1)
-    typer.echo(f"error: {type(error).__name__}: {error} (set QUAILORA_DEBUG=1 for the traceback)", err=True)
+    typer.echo(f"error: {type(error).__name__}: {error}{notes} (set QUAILORA_DEBUG=1 for the traceback)", err=True)
     raise SystemExit(1)

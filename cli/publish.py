@@ -23,4 +23,4 @@ def push_to_hub(
     result = run_push(bundle, repo_id, private=private, revision=revision, commit_message=commit_message)
     typer.echo(f"pushed {len(result.files)} files to {result.repo_id}@{result.revision}: {result.commit_url}")
     snippet = f'"{result.repo_id}"' + (f', revision="{result.revision}"' if result.revision != "main" else "")
-    typer.echo(f"load it with: AutoPeftModelForCausalLM.from_pretrained({snippet}, is_trainable=True)")
+    typer.echo(f"load it with: AutoModelForCausalLM.from_pretrained({snippet}, dtype=torch.float32)")

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
@@ -32,13 +32,14 @@ from typing import Callable
 import torch
 
 from .bundle.layout import ADAPTER_CONFIG, EVAL, REPORT, config_dtype, read_config
-from .bundle.read import read_json
+from .bundle.read import read_json, verify_bundle
 from .calibration import self_generated
 from .calibration.batches import make_batches, pad_token_id, sample_token_sequences
 from .calibration.texts import read_texts
 from .errors import BadInputError
 from .eval_settings import EvalSettings
 from .events import EvalBatchDone, EvalDone, EvalModelStarted, EvalRowDone, Listener, Status, TextGenerated, ignore
+from .quiet_libraries import quiet_libraries
 from .sources.resolve import ModelSource, open_model
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: Mod
     if settings.num_samples < 1 or settings.seq_len < 2 or settings.batch_size < 1:
         raise BadInputError("--num-samples and --batch-size must be >= 1, --seq-len >= 2")
     with ExitStack() as stack:
+        stack.enter_context(quiet_libraries(runs_4bit_on_cpu=True))  # library warnings nobody can act on
         if settings.skip_source:
             source_folder, source_note = None, "skipped"
         else:
@@ -104,7 +106,7 @@ def _perplexities(loaders, sequences: list[list[int]], batch_size: int, pad_id: 
     for index, (name, load, disable_adapter) in enumerate(loaders):
         on_event(EvalModelStarted(name, index, len(loaders)))
         model = load()
-        with (model.disable_adapter() if disable_adapter else nullcontext()):
+        with (_adapter_disabled(model) if disable_adapter else nullcontext()):
             result = perplexity(model, sequences, batch_size, pad_id,
                                 lambda done, total: on_event(EvalBatchDone(name, done, total)))
         del model
@@ -151,6 +153,7 @@ def _read_report(bundle: Path) -> dict:
         raise BadInputError(f"DIR {bundle}: no such folder")
     if not (bundle / REPORT).exists() or not (bundle / ADAPTER_CONFIG).exists():
         raise BadInputError(f"{bundle} is not a QuAILoRA bundle (no {REPORT} or {ADAPTER_CONFIG})")
+    verify_bundle(bundle)  # every file there and readable before any model loads: a broken bundle fails in a second
     return read_json(bundle / REPORT, "the conversion report")
 
 
@@ -213,7 +216,18 @@ def _load_source(folder: Path, dtype: torch.dtype, int8: bool = False):
                                                 device_map=_device_map()).eval()
 
 
-def _load_bundle(bundle: Path, dtype: torch.dtype):
-    from peft import AutoPeftModelForCausalLM
+@contextmanager
+def _adapter_disabled(model):
+    """The bundle's base alone (plain QLoRA): transformers' switch for the adapter it attached."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
 
-    return AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=dtype, device_map=_device_map()).eval()
+
+def _load_bundle(bundle: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    # a complete checkpoint with its adapter beside it: transformers attaches the adapter, once
+    return AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, device_map=_device_map()).eval()

@@ -60,7 +60,7 @@ def test_sampling_is_seeded_and_truncates():
 
 def test_single_document_is_cut_into_windows():
     tok = byte_tokenizer()
-    sequences = sample_token_sequences([" ".join(["b"] * 100)], tok, 50, 16, seed=0)
+    sequences = sample_token_sequences([" ".join(["b"] * 100)], tok, 10, 16, seed=0)  # 100 tokens >= the minimum 80
     assert len(sequences) == 7 and all(len(s) <= 16 for s in sequences)  # 100 tokens, windows of 16
 
 

@@ -83,3 +83,16 @@ def test_hub_download_errors_are_one_actionable_line(hub_answering, status, code
     with pytest.raises(BadInputError, match=message) as error, open_model("org/some-model", revision="v9"):
         pass
     assert "\n" not in str(error.value) and error.value.__cause__ is not None
+
+
+def test_dry_run_of_a_hub_id_reads_no_weight_shard(hub_cache):
+    from quailora_convert.convert.pipeline import dry_run
+
+    snapshot = hub_cache / "cache" / "models--org--tiny-llama" / "snapshots" / COMMIT
+    for shard in snapshot.glob("*.safetensors"):
+        shard.unlink()  # only config, index and tokenizer are cached: a conversion could not run
+    calib = write_text_calibration(hub_cache / "calib.jsonl")
+    plan = dry_run(ConvertSettings(model="org/tiny-llama", out=hub_cache / "bundle", calib=str(calib), rank=4,
+                                   num_samples=8, seq_len=32, batch_size=4))
+    assert plan.layers == 2 and plan.targeted_modules == 14 and plan.bundle_bytes > 0 and plan.seconds > 0
+    assert not (hub_cache / "bundle").exists()

@@ -31,7 +31,7 @@ def test_convert_writes_a_valid_card_with_inherited_licence_and_language(convert
     assert data["license"] == "apache-2.0" and data["language"] == ["en", "fr"]  # from the source's README.md
     assert set(data["tags"]) >= {"bitsandbytes", "int8", "qlora", "peft", "quailora"} and "nf4" not in data["tags"]
     assert "base_model" not in data and "base_model_relation" not in data  # a local source has no Hub id
-    assert 'AutoPeftModelForCausalLM.from_pretrained("' in text and "is_trainable=True" in text
+    assert 'AutoModelForCausalLM.from_pretrained("' in text and 'model.set_adapter("default")' in text
     assert "SFTTrainer" in text and "8-bit LLM.int8" in text and "rsLoRA" in text and "3 steps" in text
 
 
@@ -65,7 +65,7 @@ def test_rerender_with_eval_and_hub_source(converted, tmp_path):
     assert card.data.base_model == "org/tiny-source" and card.data.to_dict()["base_model_relation"] == "quantized"
     assert "| plain QLoRA | 12.500 |" in text and "| this bundle | 10.750 |" in text and "**70.0%**" in text
     assert "On held-out text" in text and "No evaluation" not in text
-    assert 'from_pretrained("alice/tiny", is_trainable=True)' in text
+    assert 'from_pretrained("alice/tiny", dtype=torch.float32)' in text
     assert card.data.license == "apache-2.0"  # the report names the local source folder, whose README.md is read
 
     (copy / "quailora_eval.json").write_text(json.dumps({"rows": [{"model": "x"}]}))

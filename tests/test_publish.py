@@ -64,7 +64,7 @@ def test_push_uploads_the_bundle_with_an_adapter_config_that_points_at_the_repo(
         if name not in ("adapter_config.json", "README.md"):
             assert commit.files[name] == data, name
     card = commit.files["README.md"].decode()
-    assert f'from_pretrained("{REPO}", is_trainable=True)' in card and card_problems(card) == []
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO}", dtype=torch.float32)' in card and card_problems(card) == []
     assert hub.validated_cards == [card]  # the Hub-side YAML check saw exactly the uploaded card
     assert bundle_files(bundle) == before  # the local bundle is untouched
     assert result.commit_url.endswith(result.commit_oid)
@@ -80,7 +80,7 @@ def test_push_to_a_branch_creates_it_and_pins_the_adapter_revision(bundle, hub):
     assert (commit.revision, commit.summary) == ("dev", "to dev")
     adapter = json.loads(commit.files["adapter_config.json"])
     assert adapter["base_model_name_or_path"] == REPO and adapter["revision"] == "dev"
-    assert f'from_pretrained("{REPO}", revision="dev", is_trainable=True)' in commit.files["README.md"].decode()
+    assert f'from_pretrained("{REPO}", revision="dev", dtype=torch.float32)' in commit.files["README.md"].decode()
     assert hub.commits[0].summary.startswith("Upload QuAILoRA bundle (nf4, r=4, solver=exact)")
 
 

@@ -19,13 +19,18 @@ def quantized_config(source_config: dict, loader_options: dict, skip_modules: li
     return {**source_config, "quantization_config": quantization}
 
 
-def adapter_config(base_path: str, target_modules: list[str], rank: int, lora_alpha: float, use_rslora: bool) -> dict:
-    """adapter_config.json of a LoRA adapter over the base at base_path (a folder or a Hub repo)."""
+def adapter_config(base_path: str, target_modules: list[str], rank: int, lora_alpha: float, use_rslora: bool,
+                   rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> dict:
+    """adapter_config.json of a LoRA adapter over the base at base_path (a folder or a Hub repo).
+
+    rank_pattern / alpha_pattern: modules whose rank is not `rank` (core.lora.rank_patterns).
+    """
     from peft import LoraConfig
 
     config = LoraConfig(
         task_type="CAUSAL_LM", r=rank, lora_alpha=lora_alpha, use_rslora=use_rslora, lora_dropout=0.0,
         bias="none", target_modules=target_modules, init_lora_weights=True,
+        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
         base_model_name_or_path=base_path,
     ).to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set in LoraConfig; JSON needs a list

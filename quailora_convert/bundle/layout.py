@@ -55,8 +55,21 @@ def index_shards(index: Path) -> list[str]:
 
 
 def read_config(folder: Path) -> dict:
-    """config.json of a checkpoint folder, as a dict."""
-    return json.loads((Path(folder) / CONFIG).read_text())
+    """config.json of a checkpoint folder, as a dict; BadInputError naming the file when it is not a JSON object."""
+    from ..errors import BadInputError
+
+    path = Path(folder) / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{CONFIG} at {path} is not UTF-8 text (byte {e.start}): the file is corrupt; "
+                            "re-download or re-export the model") from e
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{CONFIG} at {path} is not valid JSON (line {e.lineno} col {e.colno}): {e.msg}; "
+                            "fix or re-download it") from e
+    if not isinstance(config, dict):
+        raise BadInputError(f"{CONFIG} at {path} is not a JSON object; fix or re-download it")
+    return config
 
 
 def config_dtype(config: dict) -> torch.dtype | None:

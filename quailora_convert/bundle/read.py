@@ -10,14 +10,20 @@ from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, CONFIG, EVAL, REPORT
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A bundle's JSON file as a dict; BadInputError naming the file when it is missing, not JSON or not an object."""
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise BadInputError(f"{path.parent} is not a QuAILoRA bundle: {path.name} is missing") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path} is not valid JSON ({what}): {e}") from e
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{path} is not valid JSON ({what}; line {e.lineno} col {e.colno}: {e.msg}): the bundle "
+                            "is damaged; convert it again") from e
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path} is not UTF-8 text ({what}; byte {e.start}): the bundle is damaged; "
+                            "convert it again") from e
     if not isinstance(data, dict):
-        raise BadInputError(f"{path} is not a JSON object ({what})")
+        raise BadInputError(f"{path} is not a JSON object ({what}): the bundle is damaged; convert it again")
     return data
 
 
@@ -33,13 +39,8 @@ def missing_files(folder: Path) -> list[str]:
     config = folder / CONFIG
     if not config.is_file():
         missing.insert(0, CONFIG)
-    else:
-        try:
-            quantized = "quantization_config" in read_config(folder)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
-            quantized = False
-        if not quantized:
-            missing.insert(0, f"quantization_config in {CONFIG}")
+    elif "quantization_config" not in read_config(folder):  # BadInputError naming it when it is not JSON
+        missing.insert(0, f"quantization_config in {CONFIG}")
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
@@ -53,7 +54,11 @@ def missing_files(folder: Path) -> list[str]:
 
 
 def verify_bundle(folder: Path) -> Path:
-    """The folder, resolved, when it is a complete bundle; otherwise BadInputError naming what is missing."""
+    """The folder, resolved, when it is a complete, readable bundle; otherwise BadInputError naming the file.
+
+    Cheap (JSON files and safetensors headers only): eval, inspect and push-to-hub call it before loading
+    any model, so a damaged bundle fails in a second rather than after minutes of work.
+    """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise BadInputError(f"{folder} is not a folder")
@@ -61,7 +66,34 @@ def verify_bundle(folder: Path) -> Path:
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise BadInputError(f"{folder} is not a complete QuAILoRA bundle: missing {shown}")
+    read_json(folder / ADAPTER_CONFIG, "the adapter config")
+    read_json(folder / REPORT, "the conversion report")
+    index = folder / SAFETENSORS_INDEX
+    shards = index_shards(index) if index.is_file() else [SAFETENSORS_SINGLE]
+    for name in [ADAPTER_WEIGHTS, *shards]:
+        problem = safetensors_problem(folder / name)
+        if problem:
+            raise BadInputError(f"{folder / name} is {problem}: the bundle is damaged; convert it again")
     return folder.resolve()
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why path is not a whole safetensors file (truncated, not safetensors), from its header alone; None if fine."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            return f"not a safetensors file or truncated ({size} bytes)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # JSONDecodeError, UnicodeDecodeError
+            return "not a safetensors file (its header is not readable)"
+    if 8 + length + end > size:
+        return f"truncated ({size} bytes of the {8 + length + end} its header describes)"
+    return None
 
 
 def describe_bundle(folder: Path) -> dict:

@@ -10,18 +10,26 @@ from .formats import format_alpaca
 SUFFIXES = (".json", ".jsonl", ".txt")  # what a local --calib file can be
 
 
+class FileTexts(list):
+    """The texts of one file, a list that also says where it came from (for messages about the data)."""
+
+    def __init__(self, texts: list[str], source: str):
+        super().__init__(texts)
+        self.source = source
+
+
 def read_file_texts(path: Path) -> list[str]:
-    """Every record of the file as text (a .txt file is one document)."""
+    """Every record of the file as text (a .txt file is one document), as FileTexts naming the file."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return FileTexts([read_text_file(path)], str(path))
     if suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text_file(path).splitlines(), 1):
             if line.strip():
                 records.append(_parse_json(line, f"{path}:{n}"))
     elif suffix == ".json":
-        records = _parse_json(path.read_text(encoding="utf-8"), str(path))
+        records = _parse_json(read_text_file(path), str(path))
         if not isinstance(records, list):
             raise BadInputError(f"{path}: expected a JSON list of records")
     else:
@@ -30,7 +38,21 @@ def read_file_texts(path: Path) -> list[str]:
     texts = [format_record(r, f"{path} record {i}") for i, r in enumerate(records)]
     if not texts:
         raise BadInputError(f"{path} has no records")
-    return texts
+    return FileTexts(texts, str(path))
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text; BadInputError naming it when it is binary (not UTF-8, or NUL bytes) rather than text."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path} is not UTF-8 text (undecodable byte 0x{data[e.start]:02x} at offset {e.start}): "
+                            f"give a plain-text {', '.join(SUFFIXES)} file, or re-save it as UTF-8") from e
+    if "\x00" in text:
+        raise BadInputError(f"{path} is a binary file (it holds NUL bytes), not text: "
+                            f"give a plain-text {', '.join(SUFFIXES)} file")
+    return text.removeprefix("\ufeff")  # a UTF-8 byte order mark is not part of the text
 
 
 def format_record(record: object, where: str) -> str:

@@ -1,13 +1,15 @@
 """Orchestration: settings, architectures, activation capture, the per-layer unit of work, the loop, the report.
 
     from quailora_convert.convert import ConvertSettings, convert
-    convert(ConvertSettings(model="HuggingFaceTB/SmolLM2-135M-Instruct", out=Path("out"), calib="alpaca"))
+    settings = ConvertSettings(model="HuggingFaceTB/SmolLM2-135M-Instruct", out=Path("out"), calib="alpaca")
+    print(dry_run(settings).as_json())  # sizes, memory, seconds; writes nothing
+    convert(settings)  # resumable: ConvertSettings(..., resume=True) continues an interrupted run
 
-Both names load on first use (PEP 562), so reading the settings does not import torch.
+The names load on first use (PEP 562), so reading the settings does not import torch.
 """
 from __future__ import annotations
 
-__all__ = ["ConvertSettings", "convert"]
+__all__ = ["ConvertSettings", "convert", "dry_run"]
 
 
 def __getattr__(name: str):
@@ -15,8 +17,8 @@ def __getattr__(name: str):
         from .settings import ConvertSettings
 
         return ConvertSettings
-    if name == "convert":
-        from .pipeline import convert
+    if name in ("convert", "dry_run"):
+        from . import pipeline
 
-        return convert
+        return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

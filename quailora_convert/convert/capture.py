@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,11 +34,13 @@ class LayerCall:
 
 
 def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[CalibrationBatch],
-                        device: torch.device) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+                        device: torch.device, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
     """Run the model front on every batch; return layer-0 inputs (on CPU) and every layer's call.
 
     calls[layer][batch] holds the keyword arguments (KV cache dropped, use_cache False), with
-    tensors moved to CPU once and shared between layers that receive the same object.
+    tensors moved to CPU once and shared between layers that receive the same object. embed:
+    input_ids -> inputs_embeds, instead of the model's own embedding (a timing probe without weights).
     """
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in layers]
@@ -47,7 +50,9 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[C
         for layer, recorder in zip(layers, recorders):
             layer.forward = recorder
         try:
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            ids = batch.input_ids.to(device)
+            inputs = dict(input_ids=ids) if embed is None else dict(inputs_embeds=embed(ids))
+            model(**inputs, attention_mask=batch.attention_mask.to(device), use_cache=False)
         except _StopForward:
             pass
         finally:

@@ -1,15 +1,16 @@
-"""The conversion loop: stream a causal LM layer by layer into a QuAILoRA bundle.
+"""The conversion loop: stream a causal LM layer by layer into a QuAILoRA bundle, resumably.
 
-source -> meta skeleton -> calibration batches -> the model front on every batch (layer 0's
-inputs and every layer's call arguments) -> per decoder layer (LayerConverter): materialise,
-full-precision forward with H hooks, quantize, solve, write -> configs, tokenizer, report, card ->
-the bundle renamed into place. Never more than one decoder layer's full-precision weights are
-materialised; calibration activations live on the CPU.
+--out locked (work folder) -> source -> meta skeleton -> calibration batches -> the model front on
+every batch (every layer's call arguments) -> per decoder layer (LayerConverter): materialise,
+full-precision forward with H hooks, quantize, solve, write -> a resume point -> configs, tokenizer,
+report, card -> the bundle renamed into place. Never more than one decoder layer's full-precision
+weights are materialised; calibration activations live on the CPU.
 """
 from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import ContextManager
 
@@ -18,22 +19,27 @@ from torch import nn
 
 from ..bundle.configs import adapter_config, quantized_config
 from ..bundle.layout import ADAPTER_CONFIG, CONFIG, COPIED_FROM_SOURCE, REPORT, config_dtype, read_config
+from ..bundle.safetensors_stream import header_bytes_for
 from ..bundle.writer import BundleWriter
 from ..calibration import self_generated
 from ..calibration.batches import CalibrationBatch, make_batches, pad_token_id, sample_token_sequences
 from ..calibration.texts import read_texts
-from ..core.lora import peft_target_modules
+from ..core.lora import adapter_key, peft_target_modules, rank_patterns
 from ..core.quantize import Quantizer, quantizer_for
 from ..events import Calibrated, ConversionDone, LayerConverted, Listener, SourceResolved, Status, TextGenerated, ignore
 from ..model_card import render_model_card
 from ..sources.checkpoint import CheckpointReader, KeyMap, transformers_renaming
 from ..sources.resolve import ModelSource, open_model
-from .architectures import find_decoder_layers, layer_targets, linear_modules
+from .architectures import find_decoder_layers, layer_targets, linear_modules, weight_matrix
 from .capture import capture_layer_calls
 from .layer import LayerConverter
-from .report import conversion_report
+from .plan import Plan, make_plan, process_start_time
+from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
 from .skeleton import build_skeleton, front_materialized
+from .preflight import check_disk, check_rank
+from .resume import check_fingerprint, leave, refuse_existing_out, take_over
+from .work_folder import WorkFolder, fingerprint
 
 
 def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: ModelSource | None = None) -> Path:
@@ -45,13 +51,43 @@ def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: M
     settings.validate()
     device = resolve_device(settings.device)
     quantizer = quantizer_for(settings.bits)
-    with ExitStack() as stack:
-        source = opened if opened is not None else stack.enter_context(open_source(settings, on_event))
-        started = time.perf_counter() - source.open_seconds  # opening the source counts, whoever opened it
-        on_event(SourceResolved(source.folder, source.repo_id, source.commit, source.gguf))
-        out, report = _convert(settings, source, quantizer, device, on_event, started)
+    refuse_existing_out(settings)
+    work = WorkFolder(settings.out)
+    work.acquire()  # one writer per --out, before anything is read
+    try:
+        state = take_over(work, settings, on_event)
+        with ExitStack() as stack:
+            source = opened if opened is not None else stack.enter_context(open_source(settings, on_event))
+            started = time.perf_counter() - source.open_seconds  # opening the source counts, whoever opened it
+            on_event(SourceResolved(source.folder, source.repo_id, source.commit, source.gguf))
+            report = _convert(settings, source, quantizer, device, on_event, started, work, state)
+        out = work.publish(settings.overwrite)
+    except BaseException as error:
+        leave(work, error)
+        raise
     on_event(ConversionDone(out, report))
     return out
+
+
+def dry_run(settings: ConvertSettings, on_event: Listener = ignore, *, process_started: float | None = None) -> Plan:
+    """The plan of convert(settings): reads config, index and calibration, probes one random layer, writes nothing."""
+    settings.validate()
+    device = resolve_device(settings.device)
+    quantizer = quantizer_for(settings.bits)
+    with open_model(settings.model, settings.revision, settings.allow_pickle, settings.trust_remote_code,
+                    lambda message: on_event(Status(message)), metadata_only=True) as source:
+        model, tokenizer = build_skeleton(source.folder, device, settings.trust_remote_code)
+        layers_path, layers = find_decoder_layers(model)
+        shapes = _target_shapes(layers_path, layer_targets(layers, layers_path, settings.target_modules))
+        check_rank(settings, shapes, on_event)
+        if settings.calib == self_generated.SELF:  # generating would run the model: plan for full-length samples
+            ids = [[pad_token_id(tokenizer) + 1] * settings.seq_len] * settings.num_samples
+            batches = make_batches(ids, settings.batch_size, pad_token_id(tokenizer))
+        else:
+            batches = _calibration_batches(settings, tokenizer, source.folder, device, on_event)
+        on_event(Status("timing one random layer on the device"))
+        return make_plan(settings, model, layers_path, layers, shapes, batches, quantizer, device, source.folder,
+                         process_started or process_start_time())
 
 
 def open_source(settings: ConvertSettings, on_event: Listener = ignore) -> ContextManager[ModelSource]:
@@ -60,39 +96,90 @@ def open_source(settings: ConvertSettings, on_event: Listener = ignore) -> Conte
                       lambda message: on_event(Status(message)))
 
 
-def _convert(settings: ConvertSettings, source: ModelSource, quantizer: Quantizer, device: torch.device,
-             on_event: Listener, started: float) -> tuple[Path, dict]:
-    model, tokenizer = build_skeleton(source.folder, device, settings.trust_remote_code)
+
+
+
+
+
+
+def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, device: torch.device, on_event: Listener,
+             started: float, work: WorkFolder, state: dict | None) -> dict:
+    model, tokenizer = build_skeleton(source.folder, device, s.trust_remote_code)
     layers_path, layers = find_decoder_layers(model)
-    targets = layer_targets(layers, layers_path, settings.target_modules)
+    targets = layer_targets(layers, layers_path, s.target_modules)
+    shapes = _target_shapes(layers_path, targets)
+    check_rank(s, shapes, on_event)
     reader = CheckpointReader(source.folder)
     key_map = KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix, transformers_renaming(model))
-    batches = _calibration_batches(settings, tokenizer, source.folder, device, on_event)
+    prints = fingerprint(asdict(s), source.folder, source.repo_id, source.commit, source.gguf, device)
+    if state is not None:
+        check_fingerprint(state, prints, work)
+        batches = work.load_calibration()
+    else:
+        batches = _calibration_batches(s, tokenizer, source.folder, device, on_event)
+        check_disk(s, model, layers_path, quantizer, shapes, source.folder, batches, work)
+        work.save_calibration(batches)
 
-    with BundleWriter(settings.out, settings.overwrite, settings.max_shard_bytes) as writer:  # fails early if --out exists
-        on_event(Status("capturing calibration activations"))
-        with front_materialized(model, layers_path, reader, key_map, device):
-            hidden, calls = capture_layer_calls(model, layers, batches, device)
-        calibration_seconds = time.perf_counter() - started
-        on_event(Calibrated(sum(len(b.input_ids) for b in batches), calibration_seconds))
-
+    on_event(Status("capturing calibration activations"))
+    with front_materialized(model, layers_path, reader, key_map, device):
+        hidden, calls = capture_layer_calls(model, layers, batches, device)
+    if state is None:
+        writer = BundleWriter(work.bundle, s.max_shard_bytes, header_bytes_for([adapter_key(p, f) for p in shapes
+                                                                                for f in ("lora_A", "lora_B")]))
         _copy_outside_layers(writer, reader, key_map, layers_path)
-        converter = LayerConverter(settings, quantizer, reader, key_map, writer, batches, device)
-        modules, layer_seconds = [], []
-        for index, layer in enumerate(layers):
-            layer_started = time.perf_counter()
-            modules += converter.convert(f"{layers_path}.{index}.", layer, targets[index], hidden, calls[index])
-            layer_seconds.append(time.perf_counter() - layer_started)
-            on_event(LayerConverted(index, len(layers), layer_seconds[-1]))
+        state = {"fingerprint": prints, "layers": len(layers), "next_layer": 0, "reports": [], "stored_dtypes": [],
+                 "layer_seconds": [], "calibration_seconds": time.perf_counter() - started}
+        _commit(work, state, writer, hidden)
+    else:
+        writer = BundleWriter(work.bundle, s.max_shard_bytes, 0, state=state["bundle"])
+        del hidden
+        hidden = work.load_activations(state)
+    on_event(Calibrated(sum(len(b.input_ids) for b in batches), state["calibration_seconds"]))
 
-        _write_configs(writer, settings, source, quantizer, converter.stored_dtypes, model, layers_path, targets)
-        dropped = sorted(set(reader.keys()) - set(key_map.to_model))
-        report = conversion_report(settings, source, quantizer, modules, batches, calibration_seconds, layer_seconds,
-                                   started, dropped)
-        writer.write_json(REPORT, report)
-        render_model_card(writer.tmp, report=report, source_folder=source.folder, model_id=str(settings.out),
-                          allow_download=source.repo_id is not None)  # README.md, the Hub model card
-        return writer.finish(), report
+    converter = LayerConverter(s, quantizer, reader, key_map, writer, batches, device,
+                               {getattr(torch, name) for name in state["stored_dtypes"]})
+    for index in range(state["next_layer"], len(layers)):
+        layer_started = time.perf_counter()
+        reports = converter.convert(f"{layers_path}.{index}.", layers[index], targets[index], hidden, calls[index])
+        state["layer_seconds"].append(time.perf_counter() - layer_started)
+        state.update(next_layer=index + 1, reports=state["reports"] + [asdict(r) for r in reports],
+                     stored_dtypes=sorted(str(d).removeprefix("torch.") for d in converter.stored_dtypes))
+        _commit(work, state, writer, hidden)
+        on_event(LayerConverted(index, len(layers), state["layer_seconds"][-1]))
+    return _finish(s, source, quantizer, writer, model, layers_path, targets, shapes, reader, key_map, batches, state,
+                   converter.stored_dtypes, started)
+
+
+def _commit(work: WorkFolder, state: dict, writer: BundleWriter, hidden: list[torch.Tensor]) -> None:
+    writer.sync()
+    work.commit(state, writer.state(), hidden)
+
+
+
+
+def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, writer: BundleWriter, model: nn.Module,
+            layers_path: str, targets: list[dict[str, nn.Module]], shapes: dict[str, tuple[int, int]],
+            reader: CheckpointReader, key_map: KeyMap, batches: list[CalibrationBatch], state: dict,
+            stored_dtypes: set[torch.dtype], started: float) -> dict:
+    """Configs, tokenizer, report and card beside the weights; shards closed and named."""
+    _write_configs(writer, s, source, quantizer, stored_dtypes, model, layers_path, targets, shapes)
+    dropped = sorted(set(reader.keys()) - set(key_map.to_model))
+    modules = [ModuleReport(**row) for row in state["reports"]]
+    report = conversion_report(s, source, quantizer, modules, batches, state["calibration_seconds"],
+                               state["layer_seconds"], started, dropped)
+    writer.write_json(REPORT, report)
+    render_model_card(writer.folder, report=report, source_folder=source.folder, model_id=str(s.out),
+                      allow_download=source.repo_id is not None)  # README.md, the Hub model card
+    writer.close()
+    return report
+
+
+def _target_shapes(layers_path: str, targets: list[dict[str, nn.Module]]) -> dict[str, tuple[int, int]]:
+    """(out, in) of every targeted linear by path, read off the meta skeleton."""
+    return {f"{layers_path}.{i}.{name}": tuple(weight_matrix(module).shape)
+            for i, chosen in enumerate(targets) for name, module in chosen.items()}
+
+
 
 
 def _calibration_batches(s: ConvertSettings, tokenizer, folder: Path, device: torch.device,
@@ -104,7 +191,8 @@ def _calibration_batches(s: ConvertSettings, tokenizer, folder: Path, device: to
     else:
         # Hub sources: a seeded selection of 2x --num-samples records (spares for ones that tokenize to nothing)
         texts = read_texts(s.calib, s.calib_split, s.calib_field, max_records=2 * s.num_samples, seed=s.seed)
-    sequences = sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed)
+    sequences = sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed,
+                                       source=getattr(texts, "source", None) or f"--calib {s.calib}")
     return make_batches(sequences, s.batch_size, pad_token_id(tokenizer))
 
 
@@ -119,7 +207,7 @@ def _copy_outside_layers(writer: BundleWriter, reader: CheckpointReader, key_map
 
 def _write_configs(writer: BundleWriter, s: ConvertSettings, source: ModelSource, quantizer: Quantizer,
                    stored_dtypes: set[torch.dtype], model: nn.Module, layers_path: str,
-                   targets: list[dict[str, nn.Module]]) -> None:
+                   targets: list[dict[str, nn.Module]], shapes: dict[str, tuple[int, int]]) -> None:
     """config.json with quantization_config, adapter_config.json, and the source's tokenizer files."""
     source_config = read_config(source.folder)  # the original text, untouched but for quantization_config
     compute_dtype = config_dtype(source_config) or (next(iter(stored_dtypes)) if len(stored_dtypes) == 1 else torch.float32)
@@ -127,7 +215,8 @@ def _write_configs(writer: BundleWriter, s: ConvertSettings, source: ModelSource
     decoder_linears = {n for n in linears if n.startswith(layers_path + ".")}
     skip = [n for n in linears if n not in decoder_linears]  # left in full precision
     writer.write_json(CONFIG, quantized_config(source_config, quantizer.loader_options(compute_dtype), skip))
-    targeted = {f"{layers_path}.{i}.{n}" for i, chosen in enumerate(targets) for n in chosen}
+    ranks, alphas = rank_patterns(shapes, s.rank, s.lora_alpha, s.use_rslora)
     writer.write_json(ADAPTER_CONFIG, adapter_config(
-        str(writer.out), peft_target_modules(targeted, decoder_linears), s.rank, s.lora_alpha, s.use_rslora))
+        str(Path(s.out).resolve()), peft_target_modules(set(shapes), decoder_linears), s.rank, s.lora_alpha, s.use_rslora,
+        ranks, alphas))
     writer.copy_files(source.folder, COPIED_FROM_SOURCE)

@@ -48,7 +48,8 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
 
     before = sum(r.error_before for r in modules)
     after = sum(r.error_after for r in modules)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
+                if k not in ("resume", "overwrite")}  # how the run was started, not what it made
     return {
         "quailora_convert": __version__,
         "source": {"model": s.model, "repo_id": source.repo_id, "commit": source.commit, "gguf": source.gguf},

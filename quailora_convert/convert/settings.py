@@ -37,7 +37,8 @@ class ConvertSettings:
     device: str = "auto"
     seed: int = 0
     revision: str | None = None
-    overwrite: bool = False
+    overwrite: bool = False  # replace --out, and discard an interrupted run's state
+    resume: bool = False  # continue an interrupted run from its last finished layer
     allow_pickle: bool = False  # pytorch_model*.bin sources: unpickling can run code
     trust_remote_code: bool = False  # models whose config.json names custom code (auto_map)
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -58,6 +59,10 @@ class ConvertSettings:
             raise BadInputError("--num-samples must be >= 1 and --seq-len >= 2")
         if self.bits not in QUANTIZERS:
             raise BadInputError(f"--bits must be 4 (NF4) or 8 (int8), got {self.bits}")
+        if self.max_shard_bytes < 1:
+            raise BadInputError(f"--max-shard-bytes must be >= 1, got {self.max_shard_bytes}")
+        if self.resume and self.overwrite:
+            raise BadInputError("--resume continues an interrupted run and --overwrite discards it: pass one of them")
         resolve_device(self.device)
 
 

@@ -45,3 +45,27 @@ def to_peft(low_rank: LowRank, scaling: float) -> tuple[Tensor, Tensor]:
     lora_A = (low_rank.right / root).float().contiguous()
     lora_B = (low_rank.left / root).float().contiguous()
     return lora_A, lora_B
+
+
+def rank_patterns(shapes: dict[str, tuple[int, int]], rank: int, lora_alpha: float,
+                  use_rslora: bool = False) -> tuple[dict[str, int], dict[str, float]]:
+    """PEFT's rank_pattern and alpha_pattern for targeted modules too small for rank.
+
+    shapes: (out, in) of every targeted module by path. A module with min(out, in) < rank gets
+    that rank, and an alpha that keeps the scaling every other module has (the one the solver's
+    factors were divided by): alpha * r'/r, or alpha * sqrt(r'/r) with rsLoRA. Keys are leaf names
+    (k_proj) where every module of that name gets the same rank, else full paths.
+    """
+    clipped = {path: min(shape) for path, shape in shapes.items() if min(shape) < rank}
+    by_leaf: dict[str, list[str]] = {}
+    for path in shapes:
+        by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    ranks: dict[str, int] = {}
+    for leaf, paths in sorted(by_leaf.items()):
+        found = {clipped.get(p) for p in paths}
+        if len(found) == 1 and None not in found:
+            ranks[leaf] = found.pop()
+        else:
+            ranks.update({p: clipped[p] for p in sorted(paths) if p in clipped})
+    factor = (lambda r: math.sqrt(r / rank)) if use_rslora else (lambda r: r / rank)
+    return ranks, {key: lora_alpha * factor(r) for key, r in ranks.items()}

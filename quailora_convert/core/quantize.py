@@ -31,6 +31,10 @@ class Quantizer(Protocol):
         """Keyword arguments of transformers' BitsAndBytesConfig that load these tensors."""
         ...
 
+    def stored_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of the tensors quantize() returns for an (out, in) weight (plans and disk checks)."""
+        ...
+
 
 class NF4Quantizer:
     """bitsandbytes NF4, blocksize 64, double-quantized statistics (QLoRA)."""
@@ -50,6 +54,12 @@ class NF4Quantizer:
         tensors.update({f"weight.{k}": v.cpu() for k, v in state.as_dict(packed=True).items()})
         return QuantizedWeight(tensors, dequantized)
 
+    def stored_bytes(self, out_features: int, in_features: int) -> int:
+        n = out_features * in_features
+        blocks = -(-n // NF4_BLOCKSIZE)
+        # packed codes, uint8 absmax per block, float32 absmax per 256 blocks, the two code tables, quant_state
+        return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256) + 192
+
     def loader_options(self, compute_dtype: torch.dtype) -> dict:
         return dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
@@ -68,6 +78,9 @@ class Int8Quantizer:
         dequantized = bnbF.int8_vectorwise_dequant(CB, SCB)  # (out, in) float32
         row_format = torch.tensor(0, dtype=torch.uint8)  # bnb's "row" layout marker
         return QuantizedWeight({"weight": CB.cpu(), "SCB": SCB.cpu(), "weight_format": row_format}, dequantized)
+
+    def stored_bytes(self, out_features: int, in_features: int) -> int:
+        return out_features * in_features + 4 * out_features + 1  # int8 codes, float32 row scales, format marker
 
     def loader_options(self, compute_dtype: torch.dtype) -> dict:
         return dict(load_in_8bit=True)

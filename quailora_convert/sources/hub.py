@@ -11,8 +11,12 @@ from .pickled import PICKLE_INDEX, PICKLE_SINGLE
 METADATA_PATTERNS = [CONFIG, SAFETENSORS_INDEX, *COPIED_FROM_SOURCE]
 
 
-def download_model(repo_id: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool) -> tuple[Path, str]:
-    """(snapshot folder, commit): config, tokenizer, index and the shards it lists (custom code only when trusted)."""
+def download_model(repo_id: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool,
+                   metadata_only: bool = False) -> tuple[Path, str]:
+    """(snapshot folder, commit): config, tokenizer, index and the shards it lists (custom code only when trusted).
+
+    metadata_only: no weight shard (a plan needs only the config, index and tokenizer).
+    """
     from huggingface_hub import errors as hub
     from huggingface_hub import snapshot_download
 
@@ -20,12 +24,13 @@ def download_model(repo_id: str, revision: str | None, allow_pickle: bool, trust
     with _hub_errors(repo_id, revision):
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
         commit = folder.name  # snapshots/<commit sha>
-        try:
-            _download_shards(repo_id, commit, folder, SAFETENSORS_SINGLE)
-        except hub.RemoteEntryNotFoundError:
-            if not allow_pickle:
-                raise
-            _download_shards(repo_id, commit, folder, PICKLE_SINGLE)
+        if not metadata_only:
+            try:
+                _download_shards(repo_id, commit, folder, SAFETENSORS_SINGLE)
+            except hub.RemoteEntryNotFoundError:
+                if not allow_pickle:
+                    raise
+                _download_shards(repo_id, commit, folder, PICKLE_SINGLE)
     if not (folder / CONFIG).exists():
         raise UnsupportedModelError(f"{repo_id} has no {CONFIG}: not a transformers model")
     return folder, commit

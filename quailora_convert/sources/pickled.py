@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from ..bundle.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, index_json, index_shards, shard_name
-from ..bundle.safetensors_stream import SafetensorsStreamWriter
+from ..bundle.safetensors_stream import SafetensorsStreamWriter, header_bytes_for
 from ..errors import UnsupportedModelError
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -53,8 +53,8 @@ def to_safetensors(folder: Path, shards: list[str], out: Path) -> Path:
     weight_map, total = {}, 0
     for k, shard in enumerate(shards, 1):
         name = shard_name(k, len(shards))
-        writer = SafetensorsStreamWriter(out / name)
         state = torch.load(folder / shard, map_location="cpu", weights_only=True)  # one shard in memory
+        writer = SafetensorsStreamWriter(out / name, header_bytes_for(list(state)))
         for key, tensor in state.items():
             writer.add(key, tensor)
             weight_map[key] = name

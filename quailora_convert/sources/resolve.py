@@ -29,20 +29,24 @@ class ModelSource:
 
 @contextmanager
 def open_model(model: str, revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-               on_status: Callable[[str], None] = lambda message: None) -> Iterator[ModelSource]:
+               on_status: Callable[[str], None] = lambda message: None, metadata_only: bool = False,
+               ) -> Iterator[ModelSource]:
     """MODEL as a local folder of safetensors weights (pickle weights only with allow_pickle).
 
-    on_status hears about slow steps before they start (dequantizing a GGUF file).
+    on_status hears about slow steps before they start (dequantizing a GGUF file). metadata_only:
+    config, index and tokenizer are enough (a plan): no shard is downloaded or converted from pickle.
     """
     started = time.perf_counter()
     with ExitStack() as temporary:
-        source = _resolve(model, revision, allow_pickle, trust_remote_code, on_status, temporary)
+        source = _resolve(model, revision, allow_pickle, trust_remote_code, on_status, temporary, metadata_only)
         yield replace(source, open_seconds=time.perf_counter() - started)
 
 
 def _resolve(model: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool,
-             on_status: Callable[[str], None], temporary: ExitStack) -> ModelSource:
+             on_status: Callable[[str], None], temporary: ExitStack, metadata_only: bool) -> ModelSource:
     path = Path(model).expanduser()
+    if path.is_dir() and metadata_only:
+        return ModelSource(path.resolve())
     if path.is_dir():
         return ModelSource(temporary.enter_context(safetensors_weights(path.resolve(), allow_pickle)))
     if is_gguf(model):
@@ -53,5 +57,7 @@ def _resolve(model: str, revision: str | None, allow_pickle: bool, trust_remote_
                             "a .gguf file, or a Hub id")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise BadInputError(f"MODEL {model}: no such folder")
-    folder, commit = download_model(model, revision, allow_pickle, trust_remote_code)
+    folder, commit = download_model(model, revision, allow_pickle, trust_remote_code, metadata_only)
+    if metadata_only:
+        return ModelSource(folder, model, commit)
     return ModelSource(temporary.enter_context(safetensors_weights(folder, allow_pickle)), model, commit)

@@ -1,0 +1,260 @@
+"""Issue 8's failure cases, run as a new user runs them, on this checkout and on another revision.
+
+Prints a markdown table: for every case, the exit code and first line of output before (--against
+REV, a git worktree) and after (this checkout). Small random Llama models on CPU; ~10 minutes.
+
+    python benchmarks/failure_cases.py --against e83b5f6
+    python benchmarks/failure_cases.py --against e83b5f6 --only nan_norm,rank_40
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+class Checkout:
+    """Runs `quailora-convert` from one checkout: its packages first on the path (cli/ as quailora_cli)."""
+
+    def __init__(self, root: Path, scratch: Path):
+        self.root = root
+        self.links = scratch / f"links-{root.name}"
+        self.links.mkdir(parents=True, exist_ok=True)
+        if not (self.links / "quailora_cli").exists():
+            (self.links / "quailora_cli").symlink_to(root / "cli")
+
+    def command(self, *args) -> list[str]:
+        return [sys.executable, "-c", "from quailora_cli.main import main; main()", *map(str, args)]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": f"{self.links}:{self.root}", "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def run(self, *args, timeout: float = 600) -> tuple[int, str, float]:
+        started = time.perf_counter()
+        done = subprocess.run(self.command(*args), capture_output=True, text=True, env=self.env(), timeout=timeout)
+        return done.returncode, first_line(done.stderr, done.stdout), time.perf_counter() - started
+
+    def start(self, *args) -> subprocess.Popen:
+        return subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env())
+
+
+def first_line(stderr: str, stdout: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not _noise(line)]
+    if not lines:
+        lines = [line.strip() for line in stdout.splitlines() if line.strip()][-1:]
+    return lines[0][:160] if lines else "(nothing)"
+
+
+def _noise(line: str) -> bool:
+    return "gemm_4bit_forward" in line or "warnings.warn" in line
+
+
+def leftovers(folder: Path, keep: set[str]) -> str:
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in keep)
+    return ", ".join(extra) if extra else "nothing"
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def make_inputs(root: Path) -> dict[str, Path]:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
+
+    paths = {"calib": write_text_calibration(root / "calib.jsonl", count=32)}
+    paths["llama"] = save_tiny(tiny_llama_config(num_key_value_heads=1), root / "llama")  # k/v_proj: 32 outputs
+    paths["deep"] = save_tiny(tiny_llama_config(hidden_size=256, intermediate_size=640, num_hidden_layers=6,
+                                                head_dim=64), root / "deep")
+    nan = save_tiny(tiny_llama_config(), root / "nan_norm", shard_size="10MB")
+    weights = load_file(nan / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    paths["nan_norm"] = nan
+    paths["words3"] = root / "three_words.txt"
+    paths["words3"].write_text("hello big world\n")
+    paths["blank"] = root / "blank.txt"
+    paths["blank"].write_text("   \n\n\t \n")
+    paths["binary"] = root / "binary.txt"
+    paths["binary"].write_bytes(bytes(range(256)) * 64)
+    del torch
+    return paths
+
+
+def copy_source(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- cases ---------------------------------------------------------------------------------------------
+def case_sigterm(cli: Checkout, inputs: dict, work: Path) -> str:
+    out = work / "out"
+    process = cli.start(inputs["deep"], "--calib", inputs["calib"], "--out", out, "--rank", 8, "--num-samples", 24,
+                        "--seq-len", 48, "--batch-size", 4)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(p.name != "out" for p in work.iterdir()):
+        time.sleep(0.05)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate()
+    return f"{process.returncode} · `{first_line(stderr, '')}` · left: {leftovers(work, set())}"
+
+
+def _convert_args(inputs: dict, source: Path, out: Path, *extra) -> list:
+    return [source, "--calib", inputs["calib"], "--out", out, "--rank", 8, "--num-samples", 8, "--seq-len", 32, *extra]
+
+
+def case_nan_norm(cli: Checkout, inputs: dict, work: Path) -> str:
+    code, line, _ = cli.run(*_convert_args(inputs, inputs["nan_norm"], work / "out"))
+    return f"{code} · `{line}`"
+
+
+def case_rank_40(cli: Checkout, inputs: dict, work: Path) -> str:
+    code, line, _ = cli.run(*_convert_args(inputs, inputs["llama"], work / "out")[:-6], "--rank", 40,
+                            "--num-samples", 8, "--seq-len", 32)
+    if code != 0:
+        return f"{code} · `{line}`"
+    load = subprocess.run([sys.executable, "-c", (
+        "import sys, torch; from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
+        f"b = AutoModelForCausalLM.from_pretrained({str(work / 'out')!r}, dtype=torch.float32)\n"
+        f"PeftModel.from_pretrained(b, {str(work / 'out')!r}); print('loads')")],
+        capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    loaded = "loads in PEFT" if load.returncode == 0 else "PEFT: " + first_line(load.stderr.splitlines()[-1], "")[:70]
+    return f"{code} · `{line}` · {loaded}"
+
+
+def case_rank_huge(cli: Checkout, inputs: dict, work: Path) -> str:
+    code, line, seconds = cli.run(*_convert_args(inputs, inputs["llama"], work / "out")[:-6], "--rank", 100000,
+                                  "--num-samples", 8, "--seq-len", 32)
+    return f"{code} · `{line}` · {seconds:.0f} s"
+
+
+def case_concurrent(cli: Checkout, inputs: dict, work: Path) -> str:
+    out = work / "out"
+    args = [inputs["deep"], "--calib", inputs["calib"], "--out", out, "--rank", 8, "--num-samples", 24, "--seq-len", 48,
+            "--batch-size", 4]
+    first = cli.start(*args)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(p.name != "out" for p in work.iterdir()):
+        time.sleep(0.05)
+    code, line, _ = cli.run(*args, "--overwrite")
+    first.communicate()
+    return f"first {first.returncode}; second {code} · `{line}`"
+
+
+def case_overwrite_file(cli: Checkout, inputs: dict, work: Path) -> str:
+    (work / "out").write_text("a file\n")
+    code, line, _ = cli.run(*_convert_args(inputs, inputs["llama"], work / "out", "--overwrite"))
+    return f"{code} · `{line}` · left: {leftovers(work, {'out'})}"
+
+
+def case_small_disk(cli: Checkout, inputs: dict, work: Path) -> str:
+    disk = work / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500000", "tmpfs", str(disk)]).returncode != 0:
+        return "(no tmpfs: not root)"
+    try:
+        code, line, _ = cli.run(*_convert_args(inputs, inputs["llama"], disk / "out"))
+        return f"{code} · `{line}` · left: {leftovers(disk, {'out'})}"
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def _bundle(cli: Checkout, inputs: dict, work: Path) -> Path:
+    code, line, _ = cli.run(*_convert_args(inputs, inputs["llama"], work / "bundle"))
+    assert code == 0, line
+    return work / "bundle"
+
+
+def case_eval_no_adapter(cli: Checkout, inputs: dict, work: Path) -> str:
+    bundle = _bundle(cli, inputs, work)
+    (bundle / "adapter_model.safetensors").unlink()
+    code, line, seconds = cli.run("eval", bundle, "--data", inputs["calib"], "--num-samples", 4, "--seq-len", 32)
+    return f"{code} · `{line}` · {seconds:.0f} s"
+
+
+def case_corrupt_report(cli: Checkout, inputs: dict, work: Path) -> str:
+    bundle = _bundle(cli, inputs, work)
+    (bundle / "quailora_report.json").write_text("{ not json")
+    code, line, _ = cli.run("inspect", bundle)
+    return f"inspect: {code} · `{line}`"
+
+
+def case_truncated_shard(cli: Checkout, inputs: dict, work: Path) -> str:
+    source = copy_source(inputs["llama"], work / "src")
+    shard = sorted(source.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code, line, _ = cli.run(*_convert_args(inputs, source, work / "out"))
+    return f"{code} · `{line}`"
+
+
+def case_config_not_json(cli: Checkout, inputs: dict, work: Path) -> str:
+    source = copy_source(inputs["llama"], work / "src")
+    (source / "config.json").write_text("this is not json")
+    code, line, _ = cli.run(*_convert_args(inputs, source, work / "out"))
+    return f"{code} · `{line}`"
+
+
+def _calib_case(cli: Checkout, inputs: dict, work: Path, calib: Path) -> str:
+    args = _convert_args(inputs, inputs["llama"], work / "out")
+    args[2] = calib
+    code, line, _ = cli.run(*args)
+    return f"{code} · `{line}`"
+
+
+def case_binary_calib(cli, inputs, work):
+    return _calib_case(cli, inputs, work, inputs["binary"])
+
+
+def case_three_words(cli, inputs, work):
+    return _calib_case(cli, inputs, work, inputs["words3"])
+
+
+def case_whitespace(cli, inputs, work):
+    return _calib_case(cli, inputs, work, inputs["blank"])
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", required=True, help="git revision for the 'before' column")
+    parser.add_argument("--only", help="comma-separated case names: " + ", ".join(CASES))
+    args = parser.parse_args()
+    chosen = args.only.split(",") if args.only else list(CASES)
+    with tempfile.TemporaryDirectory(prefix="quailora-cases-") as scratch:
+        scratch = Path(scratch)
+        before = scratch / "before"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(before), args.against],
+                       check=True, capture_output=True)
+        try:
+            inputs = make_inputs(scratch / "inputs")
+            checkouts = {"before": Checkout(before, scratch), "after": Checkout(REPO, scratch)}
+            print(f"| case | before ({args.against}) | after (this checkout) |\n| --- | --- | --- |")
+            for name in chosen:
+                cells = []
+                for label, cli in checkouts.items():
+                    work = scratch / f"{name}-{label}"
+                    work.mkdir()
+                    cells.append(CASES[name](cli, inputs, work).replace("|", "\\|"))
+                print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""A conversion's resume state: one work folder beside --out, owned (flock) by the run writing it.
+
+    OUT.quailora-work/
+      owner.json                        pid and start time of the run holding the lock
+      state.json                        the last resume point (replaced atomically: the commit)
+      calibration.safetensors           the token batches (a resumed run never re-reads or re-samples)
+      activations-00012.safetensors     the inputs of the next layer to convert (here layer 12)
+      bundle/                           the bundle being written; renamed to OUT at the end
+
+After every finished layer commit() syncs the bundle's files, writes the next layer's inputs, then
+replaces state.json: a kill at any instant leaves the previous or the new resume point, never a mix.
+A finished run renames bundle/ into place and removes the folder; nothing else is ever left beside --out.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..bundle.safetensors_stream import SafetensorsStreamWriter, header_bytes_for
+from ..calibration.batches import CalibrationBatch
+from ..errors import BadInputError
+from ..stopping import critical
+
+WORK_SUFFIX = ".quailora-work"
+STATE = "state.json"
+OWNER = "owner.json"
+CALIBRATION = "calibration.safetensors"
+BUNDLE = "bundle"
+STATE_FORMAT = 1
+_ENDS_BYTES = 1 << 20  # a weight file is fingerprinted by its size and the sha256 of its first and last MiB
+
+
+def work_folder_for(out: Path) -> Path:
+    out = Path(out).resolve()
+    return out.with_name(out.name + WORK_SUFFIX)
+
+
+class WorkFolder:
+    def __init__(self, out: Path):
+        self.out = Path(out).resolve()
+        self.path = work_folder_for(self.out)
+        self.bundle = self.path / BUNDLE
+        self._lock_fd: int | None = None
+        self._out_identity: tuple | None = None
+
+    # -- ownership ---------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """The exclusive lock on the work folder (created if need be); refuses at once if another run holds it."""
+        for _ in range(3):
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise BadInputError(f"another quailora-convert run ({self._owner()}) is writing --out {self.out} "
+                                    f"(lock: {self.path}); wait for it to finish or choose another --out") from None
+            if _same_file(self.path, fd):
+                self._lock_fd = fd
+                self._out_identity = _identity(self.out)
+                _write_json_atomic(self.path / OWNER, {"pid": os.getpid(), "started": time.time()})
+                return
+            os.close(fd)  # a finishing run removed this folder between our mkdir and flock: take a new one
+        raise BadInputError(f"could not lock {self.path}: it keeps being removed by another run")
+
+    def _owner(self) -> str:
+        try:
+            return f"pid {json.loads((self.path / OWNER).read_text())['pid']}"
+        except (OSError, ValueError, KeyError):
+            return "pid unknown"
+
+    def release(self, remove: bool) -> None:
+        """Unlock; with remove, delete the folder first (while still holding the lock)."""
+        if self._lock_fd is None:
+            return
+        if remove:
+            shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # -- resume points -----------------------------------------------------------------------
+    def read_state(self) -> dict | None:
+        try:
+            state = json.loads((self.path / STATE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"{self.path / STATE} is unreadable ({e}); pass --overwrite to discard it") from e
+        if state.get("format") != STATE_FORMAT:
+            raise BadInputError(f"{self.path} was written by another version of quailora-convert; pass --overwrite "
+                                "to discard it")
+        return state
+
+    def clear(self) -> None:
+        """Everything but the owner file: a fresh start."""
+        for path in self.path.iterdir():
+            if path.name != OWNER:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+    def save_calibration(self, batches: list[CalibrationBatch]) -> None:
+        tensors = {}
+        for b, batch in enumerate(batches):
+            tensors[f"{b}.input_ids"] = batch.input_ids
+            tensors[f"{b}.attention_mask"] = batch.attention_mask
+        _write_tensors(self.path / CALIBRATION, tensors)
+
+    def load_calibration(self) -> list[CalibrationBatch]:
+        tensors = _read_tensors(self.path / CALIBRATION)
+        return [CalibrationBatch(tensors[f"{b}.input_ids"], tensors[f"{b}.attention_mask"])
+                for b in range(len(tensors) // 2)]
+
+    def commit(self, state: dict, bundle_state: dict, hidden: list[torch.Tensor]) -> None:
+        """Record a resume point: state (JSON) with the bundle's (already synced) state and the next layer's inputs."""
+        name = f"activations-{state['next_layer']:05d}.safetensors"
+        with critical():
+            _write_tensors(self.path / name, {str(b): h for b, h in enumerate(hidden)})
+            _write_json_atomic(self.path / STATE, {"format": STATE_FORMAT, **state, "activations": name,
+                                                   "bundle": bundle_state})
+            for stale in self.path.glob("activations-*.safetensors"):
+                if stale.name != name:
+                    stale.unlink()
+
+    def load_activations(self, state: dict) -> list[torch.Tensor]:
+        tensors = _read_tensors(self.path / state["activations"])
+        return [tensors[str(b)] for b in range(len(tensors))]
+
+    # -- the end -----------------------------------------------------------------------------
+    def publish(self, overwrite: bool) -> Path:
+        """Rename bundle/ to --out (replacing what was there only under --overwrite), remove the folder, unlock."""
+        with critical():
+            if _identity(self.out) != self._out_identity:
+                raise BadInputError(f"--out {self.out} was changed by another program while this run worked; "
+                                    f"this run's bundle is kept in {self.bundle}")
+            if self._out_identity is not None:
+                if not overwrite:
+                    raise BadInputError(f"--out {self.out} already exists; choose another folder or pass --overwrite")
+                replaced = self.path / "replaced"
+                os.rename(self.out, replaced)
+            os.rename(self.bundle, self.out)
+            _fsync_folder(self.out.parent)
+            self.release(remove=True)
+        return self.out
+
+
+def fingerprint(settings: dict, source_folder: Path, repo_id: str | None, commit: str | None,
+                gguf: str | None, device: torch.device) -> dict:
+    """What a resumed run must share with the interrupted one to give the same bytes."""
+    import bitsandbytes
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    if commit is not None:
+        source = {"repo_id": repo_id, "commit": commit}
+    else:
+        files = [Path(gguf)] if gguf else sorted(p for p in Path(source_folder).iterdir() if p.is_file())
+        source = {"files": {p.name: _file_fingerprint(p) for p in files}}
+    ignored = {"overwrite", "resume", "out"}
+    return {
+        "source": source,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if k not in ignored},
+        "device": device.type,
+        "versions": {"quailora_convert": __version__, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+def differences(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """'settings.rank: 32 -> 64' for every leaf that differs."""
+    found = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {_short(old)} -> {_short(new)}")
+    return found
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _file_fingerprint(path: Path) -> list:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_ENDS_BYTES))
+        if size > 2 * _ENDS_BYTES:
+            f.seek(size - _ENDS_BYTES)
+            digest.update(f.read(_ENDS_BYTES))
+        elif size > _ENDS_BYTES:
+            digest.update(f.read())
+    return [size, digest.hexdigest()]
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        a, b = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    writer = SafetensorsStreamWriter(tmp, header_bytes_for(list(tensors)))
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.close()
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BadInputError(f"{path} is damaged ({e}); pass --overwrite to start over") from e

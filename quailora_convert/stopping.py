@@ -1,0 +1,64 @@
+"""Stopping a long conversion on SIGTERM / SIGINT at a safe point, so that it can be resumed.
+
+stop_on_signals() (the CLI enters it) turns both signals into StopRequested, raised in the main
+thread. Inside critical() sections (a resume point being recorded, the bundle being renamed into
+place) the signal is held back until the section ends. Without stop_on_signals(), SIGINT raises
+KeyboardInterrupt as usual and SIGTERM kills the process; the resume state survives either way,
+because it is only ever replaced atomically.
+"""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequested(BaseException):
+    """A stop signal arrived; BaseException so that `except Exception` blocks let it through."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+_state = {"critical": 0, "pending": None, "installed": False}
+
+
+def _handler(signum, frame) -> None:
+    if _state["critical"]:
+        _state["pending"] = signum
+        return
+    raise StopRequested(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise StopRequested in this block (main thread only)."""
+    previous = {s: signal.signal(s, _handler) for s in STOP_SIGNALS}
+    _state["installed"] = True
+    try:
+        yield
+    finally:
+        _state["installed"] = False
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def critical() -> Iterator[None]:
+    """A section a stop signal must not cut in two; a signal that arrives meanwhile stops right after it."""
+    _state["critical"] += 1
+    try:
+        yield
+    finally:
+        _state["critical"] -= 1
+        if not _state["critical"] and _state["pending"] is not None:
+            pending, _state["pending"] = _state["pending"], None
+            if _state["installed"]:
+                raise StopRequested(pending)
