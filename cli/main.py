@@ -14,6 +14,7 @@ from quailora_cli import inspect_bundle as _inspect_commands  # noqa: F401  regi
 from quailora_cli import publish as _publish_commands  # noqa: F401  registers `push-to-hub`
 from quailora_cli.app import app
 from quailora_convert.errors import Interrupted, QuailoraError
+from quailora_convert.stopping import StopRequested
 
 ERROR_MESSAGES: list[tuple[type[BaseException], str]] = [
     (QuailoraError, "{error}"),
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C outside a conversion
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
+    except StopRequested as stop:  # a stop signal outside the layer loop (opening a GGUF file, --eval)
+        typer.echo("interrupted", err=True)
+        raise SystemExit(stop.exit_code) from None
     except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
         _fail(error)
 

@@ -51,14 +51,22 @@ def stop_on_signals() -> Iterator[None]:
 
 
 @contextmanager
-def critical() -> Iterator[None]:
-    """A section a stop signal must not cut in two; a signal that arrives meanwhile stops right after it."""
+def critical(finishes: bool = False) -> Iterator[None]:
+    """A section a stop signal must not cut in two; a signal that arrives meanwhile stops right after it.
+
+    finishes: the section completes the work (nothing is left to stop), so a signal held back is dropped.
+    An error raised inside the section is never replaced by the held-back signal.
+    """
     _state["critical"] += 1
     try:
         yield
-    finally:
+    except BaseException:
         _state["critical"] -= 1
-        if not _state["critical"] and _state["pending"] is not None:
-            pending, _state["pending"] = _state["pending"], None
-            if _state["installed"]:
-                raise StopRequested(pending)
+        if not _state["critical"]:
+            _state["pending"] = None
+        raise
+    _state["critical"] -= 1
+    if not _state["critical"] and _state["pending"] is not None:
+        pending, _state["pending"] = _state["pending"], None
+        if _state["installed"] and not finishes:
+            raise StopRequested(pending)

@@ -162,3 +162,33 @@ def test_overwrite_replaces_a_file_and_leaves_nothing_behind(case):
     assert done.returncode == 0, done.stderr
     _assert_same_bundle(case["out"], case["reference"])
     assert {p.name for p in case["out"].parent.iterdir()} == {"source", "calib.jsonl", "out", "reference"}
+
+
+def test_an_empty_out_folder_is_filled_without_overwrite(case):
+    _clean(case)
+    case["out"].mkdir()
+    done = run_cli(*case["args"], "--out", case["out"], "--quiet")
+    assert done.returncode == 0, done.stderr
+    _assert_same_bundle(case["out"], case["reference"])
+
+
+def test_stop_signals_outside_the_layer_loop_and_held_back_ones():
+    """A signal inside a critical section waits for its end; a finishing section drops it; an error wins."""
+    from quailora_convert.stopping import StopRequested, critical, stop_on_signals
+
+    with stop_on_signals():
+        with pytest.raises(StopRequested) as stopped:
+            with critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler ran here and held the signal back
+            pytest.fail("the held-back signal must stop right after the section")
+        assert stopped.value.exit_code == 143
+        with critical(finishes=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        with pytest.raises(OSError, match="disk full"):
+            with critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                raise OSError("disk full")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -113,4 +113,5 @@ class SafetensorsStreamWriter:
         self._file.seek(0)
         self._file.write(self.header_bytes.to_bytes(_LENGTH_BYTES, "little"))
         self._file.write(header + b" " * (self.header_bytes - len(header)))
+        self.sync()  # a resume point may record this file as finished
         self._file.close()

@@ -55,6 +55,7 @@ def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: M
     work = WorkFolder(settings.out)
     work.acquire()  # one writer per --out, before anything is read
     try:
+        refuse_existing_out(settings)  # again under the lock: a run that held it may have just finished
         state = take_over(work, settings, on_event)
         with ExitStack() as stack:
             source = opened if opened is not None else stack.enter_context(open_source(settings, on_event))

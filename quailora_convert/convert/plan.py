@@ -26,9 +26,10 @@ from ..core.quantize import Quantizer
 from ..core.solvers import solve
 from .architectures import linear_modules, select_targets, weight_matrix
 from .capture import CALIBRATION_DTYPE, accumulate_hessians, capture_layer_calls
+from .report import module_report
 from .settings import ConvertSettings
 
-DISK_WRITE_BYTES_PER_SECOND = 1 << 30  # assumed for the per-layer activations checkpoint (not measured: writes nothing)
+DISK_BYTES_PER_SECOND = 1 << 30  # assumed (not measured: a plan writes nothing) for reading weights, writing checkpoints
 FIXED_SECONDS = 2.0  # configs, tokenizer, report and card, renaming into place
 
 
@@ -80,29 +81,31 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
               batches: list[CalibrationBatch], quantizer: Quantizer, device: torch.device, source_folder: Path,
               process_started: float) -> Plan:
     stored_dtype = stored_dtype_of(source_folder)
+    itemsize = torch.empty(0, dtype=stored_dtype).element_size()
     hidden_size = model.config.hidden_size
     padded = sum(b.input_ids.numel() for b in batches)
+    activations = 4 * padded * hidden_size  # float32, every sample, on the host
+    layer_params = sum(p.numel() for p in layers[0].parameters())
+    front_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(layers_path + "."))
+    bundle = bundle_bytes(model, layers_path, quantizer, shapes, s.rank, stored_dtype, source_folder, s.max_shard_bytes)
     baseline = _rss()
     probe = probe_layer(s, model, layers, batches[0], quantizer, device, stored_dtype)
-    layer_params = sum(p.numel() for p in layers[0].parameters())
-    itemsize = torch.empty(0, dtype=stored_dtype).element_size()
-    activations = 4 * padded * hidden_size
-    front = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(layers_path + "."))
-    host_layer_phase = baseline + activations + probe["host_bytes"] + layer_params * itemsize
-    host_front_phase = baseline + activations + front * (4 + itemsize)
-    per_layer = (probe["forward_seconds"] * len(batches) + probe["solve_seconds"]
-                 + 2 * activations / DISK_WRITE_BYTES_PER_SECOND)
+    on_host = device.type != "cuda"
+    host_layer_phase = baseline + activations + layer_params * itemsize + (probe["host_bytes"] if on_host else 0)
+    host_front_phase = baseline + activations + front_params * (itemsize + (4 if on_host else 0))
+    largest_batch = max(b.input_ids.numel() for b in batches) * hidden_size * 4
+    device_front_phase = front_params * 4 + 2 * largest_batch  # the front in float32, one batch in and out
+    io_bytes = len(layers) * (layer_params * itemsize + activations) + bundle  # reads, checkpoints, the bundle
     startup = time.time() - process_started  # imports, skeleton, calibration: the real run pays them too
     return Plan(
         layers=len(layers), targeted_modules=len(shapes), parameters=sum(p.numel() for p in model.parameters()),
         calibration_samples=sum(len(b.input_ids) for b in batches),
         calibration_tokens=int(sum(int(b.attention_mask.sum()) for b in batches)),
-        bundle_bytes=bundle_bytes(model, layers_path, quantizer, shapes, s.rank, stored_dtype, source_folder,
-                                  s.max_shard_bytes),
-        work_bytes=work_bytes(padded, hidden_size),
+        bundle_bytes=bundle, work_bytes=work_bytes(padded, hidden_size),
         peak_host_bytes=int(max(host_layer_phase, host_front_phase)),
-        peak_device_bytes=probe["device_bytes"],
-        seconds=startup + probe["front_seconds"] * len(batches) + per_layer * len(layers) + FIXED_SECONDS,
+        peak_device_bytes=0 if on_host else int(max(probe["device_bytes"], device_front_phase)),
+        seconds=(startup + probe["front_seconds"] * len(batches) + FIXED_SECONDS + io_bytes / DISK_BYTES_PER_SECOND
+                 + len(layers) * (probe["forward_seconds"] * len(batches) + probe["solve_seconds"])),
     )
 
 
@@ -127,8 +130,10 @@ def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, bat
         quantized = quantizer.quantize(W.to(stored_dtype))
         if name in targets and name in hessians.leader:
             E = W.float() - quantized.dequantized.float()
-            correction = solve(E, hessians.mean(name), min(s.rank, *E.shape), s.solver, s.als_steps, s.damp)
+            H, rank = hessians.mean(name), min(s.rank, *E.shape)
+            correction = solve(E, H, rank, s.solver, s.als_steps, s.damp)
             to_peft(correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
+            module_report(name, name, E, H, correction, rank)  # the report's own SVD and products
     solve_seconds = time.perf_counter() - started
     host_bytes, device_bytes = _peaks(device)
     del layer, hessians, hidden, calls, front

@@ -40,8 +40,9 @@ def leave(work: WorkFolder, error: BaseException) -> None:
     """After a failure: keep a resume point (and say so), else remove the work folder; always unlock."""
     try:
         state = work.read_state()
-    except BadInputError:
-        state = None
+    except BadInputError:  # unreadable or from another version: the message said --overwrite discards it
+        work.release(remove=False)
+        return
     if state is None:
         work.release(remove=True)
         if isinstance(error, StopRequested):

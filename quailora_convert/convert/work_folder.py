@@ -124,7 +124,7 @@ class WorkFolder:
             _write_tensors(self.path / name, {str(b): h for b, h in enumerate(hidden)})
             _write_json_atomic(self.path / STATE, {"format": STATE_FORMAT, **state, "activations": name,
                                                    "bundle": bundle_state})
-            for stale in self.path.glob("activations-*.safetensors"):
+            for stale in self.path.glob("activations-*"):  # earlier ones, and a .tmp a kill left
                 if stale.name != name:
                     stale.unlink()
 
@@ -135,16 +135,19 @@ class WorkFolder:
     # -- the end -----------------------------------------------------------------------------
     def publish(self, overwrite: bool) -> Path:
         """Rename bundle/ to --out (replacing what was there only under --overwrite), remove the folder, unlock."""
-        with critical():
+        with critical(finishes=True):
             if _identity(self.out) != self._out_identity:
                 raise BadInputError(f"--out {self.out} was changed by another program while this run worked; "
                                     f"this run's bundle is kept in {self.bundle}")
             if self._out_identity is not None:
-                if not overwrite:
+                if overwrite:
+                    os.rename(self.out, self.path / "replaced")
+                elif self.out.is_dir() and not any(self.out.iterdir()):
+                    self.out.rmdir()  # an empty folder named as --out
+                else:
                     raise BadInputError(f"--out {self.out} already exists; choose another folder or pass --overwrite")
-                replaced = self.path / "replaced"
-                os.rename(self.out, replaced)
             os.rename(self.bundle, self.out)
+            (self.path / STATE).unlink()  # the bundle is in place: nothing is left to resume
             _fsync_folder(self.out.parent)
             self.release(remove=True)
         return self.out
@@ -168,10 +171,18 @@ def fingerprint(settings: dict, source_folder: Path, repo_id: str | None, commit
     return {
         "source": source,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if k not in ignored},
-        "device": device.type,
+        "device": _device_identity(device),
         "versions": {"quailora_convert": __version__, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
     }
+
+
+def _device_identity(device: torch.device) -> dict:
+    """What the numerics depend on: the device kind, and on CUDA the GPU model and library versions."""
+    if device.type != "cuda":
+        return {"type": device.type}
+    return {"type": "cuda", "name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version()}
 
 
 def differences(before: dict, after: dict, prefix: str = "") -> list[str]:
