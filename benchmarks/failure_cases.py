@@ -41,16 +41,28 @@ class Checkout:
 
     def run(self, *args, timeout: float = 600) -> tuple[int, str, float]:
         started = time.perf_counter()
-        done = subprocess.run(self.command(*args), capture_output=True, text=True, env=self.env(), timeout=timeout)
+        done = subprocess.run(self.command(*args), capture_output=True, text=True, env=self.env(), timeout=timeout,
+                              cwd=self.root)  # python -c puts the working folder first on the path
         return done.returncode, first_line(done.stderr, done.stdout), time.perf_counter() - started
 
     def start(self, *args) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env())
+                                env=self.env(), cwd=self.root)
+
+
+def wait_for_layer(process: subprocess.Popen, layer: int) -> str:
+    """Read the run's plain progress lines until layer `layer` is done; returns what was read."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(f"layer {layer}/"):
+            break
+    return "".join(seen)
 
 
 def first_line(stderr: str, stdout: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip() and not _noise(line)]
+    lines = [line for line in lines if line.startswith("error:")] or lines  # the error, not a warning before it
     if not lines:
         lines = [line.strip() for line in stdout.splitlines() if line.strip()][-1:]
     return lines[0][:160] if lines else "(nothing)"
@@ -72,6 +84,7 @@ def make_inputs(root: Path) -> dict[str, Path]:
 
     from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
+    root.mkdir(parents=True, exist_ok=True)
     paths = {"calib": write_text_calibration(root / "calib.jsonl", count=32)}
     paths["llama"] = save_tiny(tiny_llama_config(num_key_value_heads=1), root / "llama")  # k/v_proj: 32 outputs
     paths["deep"] = save_tiny(tiny_llama_config(hidden_size=256, intermediate_size=640, num_hidden_layers=6,
@@ -103,10 +116,7 @@ def case_sigterm(cli: Checkout, inputs: dict, work: Path) -> str:
     out = work / "out"
     process = cli.start(inputs["deep"], "--calib", inputs["calib"], "--out", out, "--rank", 8, "--num-samples", 24,
                         "--seq-len", 48, "--batch-size", 4)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(p.name != "out" for p in work.iterdir()):
-        time.sleep(0.05)
-    time.sleep(3)
+    wait_for_layer(process, 2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate()
     return f"{process.returncode} · `{first_line(stderr, '')}` · left: {leftovers(work, set())}"
@@ -146,9 +156,7 @@ def case_concurrent(cli: Checkout, inputs: dict, work: Path) -> str:
     args = [inputs["deep"], "--calib", inputs["calib"], "--out", out, "--rank", 8, "--num-samples", 24, "--seq-len", 48,
             "--batch-size", 4]
     first = cli.start(*args)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(p.name != "out" for p in work.iterdir()):
-        time.sleep(0.05)
+    wait_for_layer(first, 1)
     code, line, _ = cli.run(*args, "--overwrite")
     first.communicate()
     return f"first {first.returncode}; second {code} · `{line}`"
@@ -160,14 +168,27 @@ def case_overwrite_file(cli: Checkout, inputs: dict, work: Path) -> str:
     return f"{code} · `{line}` · left: {leftovers(work, {'out'})}"
 
 
+def _planned_disk_bytes(inputs: dict, work: Path) -> int:
+    """What this checkout's --dry-run says the llama case needs on disk (bundle + work folder)."""
+    done = subprocess.run(Checkout(REPO, work).command(*_convert_args(inputs, inputs["llama"], work / "planned"),
+                                                       "--dry-run", "--json"),
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(done.stdout)["disk_bytes"]
+
+
 def case_small_disk(cli: Checkout, inputs: dict, work: Path) -> str:
+    """A disk with room for half of what the run needs."""
+    return _on_tmpfs(cli, inputs, work, _planned_disk_bytes(inputs, work) // 2)
+
+
+def _on_tmpfs(cli: Checkout, inputs: dict, work: Path, size: int) -> str:
     disk = work / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500000", "tmpfs", str(disk)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]).returncode != 0:
         return "(no tmpfs: not root)"
     try:
         code, line, _ = cli.run(*_convert_args(inputs, inputs["llama"], disk / "out"))
-        return f"{code} · `{line}` · left: {leftovers(disk, {'out'})}"
+        return f"{size:,} bytes: {code} · `{line}` · left: {leftovers(disk, {'out'})}"
     finally:
         subprocess.run(["umount", str(disk)])
 
