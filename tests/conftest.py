@@ -21,3 +21,23 @@ def alpaca_calib() -> Path:
     if not path.exists():
         pytest.skip(f"needs the workplace's ../shared calibration data ({path} missing)")
     return path
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """Every huggingface_hub request goes to a FakeHub (tests/fake_hub.py) through its own client; online, HF_TOKEN set."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    from fake_hub import TOKEN, FakeHub
+
+    fake = FakeHub(endpoint=constants.ENDPOINT)
+    _http.set_client_factory(
+        lambda: httpx2.Client(transport=httpx2.WSGITransport(app=fake), follow_redirects=True, timeout=None))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    yield fake
+    _http.set_client_factory(_http.default_client_factory)

@@ -15,18 +15,15 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 import transformers
 from huggingface_hub import constants
-from huggingface_hub.utils import _http
 from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bundles import make_bundle
-from fake_hub import TOKEN, FakeHub
 from paths import REPO as ROOT
 from quailora_convert.publish import push_to_hub
 from reference import reference_model, use_float32_compute
@@ -197,20 +194,6 @@ def test_a_moved_bundle_loads_from_where_it_is_and_never_from_the_old_folder(tmp
 
     shutil.rmtree(original)  # the old folder gone
     assert torch.equal(logits(load_as_the_readme_says(moved)), want)
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """huggingface_hub's requests go to a FakeHub (as in test_publish.py); online, HF_TOKEN set."""
-    fake = FakeHub(endpoint=constants.ENDPOINT)
-    _http.set_client_factory(
-        lambda: httpx2.Client(transport=httpx2.WSGITransport(app=fake), follow_redirects=True, timeout=None))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield fake
-    _http.set_client_factory(_http.default_client_factory)
 
 
 @pytest.mark.parametrize("branch", ["main", "dev"])

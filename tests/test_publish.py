@@ -7,10 +7,8 @@ import sys
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-import httpx2
 import pytest
 from huggingface_hub import constants
-from huggingface_hub.utils import _http
 
 from bundles import make_bundle
 from fake_hub import TOKEN, FakeHub
@@ -25,20 +23,6 @@ REPO = "alice/tiny-quailora"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     return make_bundle(tmp_path_factory.mktemp("publish"))[1]
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """Every huggingface_hub request goes to a FakeHub through its own httpx2 client; online, HF_TOKEN set."""
-    fake = FakeHub(endpoint=constants.ENDPOINT)
-    _http.set_client_factory(
-        lambda: httpx2.Client(transport=httpx2.WSGITransport(app=fake), follow_redirects=True, timeout=None))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield fake
-    _http.set_client_factory(_http.default_client_factory)
 
 
 def bundle_files(folder):
