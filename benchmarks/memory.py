@@ -6,10 +6,19 @@ safetensors in 200MB shards), converts each in its own subprocess with the same 
 prints layers, source size, wall time and peak RSS. Exits 1 if peak(deep) / peak(shallow) > --max-ratio.
 
     python benchmarks/memory.py                      # 6 vs 24 layers, ratio <= 1.15 required
+    python benchmarks/memory.py --threads default    # children without OMP_NUM_THREADS: torch's default threading
+    python benchmarks/memory.py --threads 1          # children with OMP_NUM_THREADS=1 (as the tests run)
     python benchmarks/memory.py --json /tmp/mem.json --keep /tmp/membench
     MALLOC_ARENA_MAX=2 python benchmarks/memory.py   # the environment is passed to the children
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/memory.py   # fixed mmap threshold: freed tensors go back to the OS
     MEMBENCH_MALLOC_TRIM=1 MEMBENCH_LIVE_TENSORS=1 python benchmarks/memory.py --trace   # diagnosis (see child_main)
+    MEMBENCH_MALLOC_INFO=1 python benchmarks/memory.py --trace   # per layer: threads, glibc arenas (malloc_info)
+    MEMBENCH_NO_ALLOCATOR=1 python benchmarks/memory.py          # without the CLI's allocator setting (not with --cli)
+
+--threads says how many intra-op threads the children get: env (the default) passes OMP_NUM_THREADS
+as the environment has it; default removes OMP_NUM_THREADS and MKL_NUM_THREADS from the children's
+environment, so torch picks its own thread count as it does for a user's `quailora-convert`; N sets
+OMP_NUM_THREADS=N. The summary prints which it was, and the thread count torch reports under it.
 
 Peak RSS per child is read with os.wait4 (that child's own rusage; RUSAGE_CHILDREN would report the
 maximum over all children so far) and compared with the bundle report's peak_rss_bytes. The child
@@ -73,6 +82,31 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix == ".safetensors")
 
 
+def malloc_arenas() -> str:
+    """glibc's malloc_info, summed up: per arena (heap) its system bytes and free bytes, and the mmap'd blocks."""
+    import ctypes
+    import re
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile("r", suffix=".xml") as tmp:
+        handle = libc.fopen(tmp.name.encode(), b"w")
+        libc.malloc_info(0, handle)
+        libc.fclose(handle)
+        xml = tmp.read()
+    heaps = []
+    for body in re.findall(r'<heap nr="\d+">(.*?)</heap>', xml, re.DOTALL):
+        system = int(re.search(r'<system type="current" size="(\d+)"', body).group(1))
+        free = sum(int(v) for v in re.findall(r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"', body))
+        heaps.append(f"{system / MiB:.0f}/{free / MiB:.0f}")
+    mmapped = re.search(r'<total type="mmap" count="(\d+)" size="(\d+)"', xml.rpartition("</heap>")[2])
+    tail = f" mmap {int(mmapped.group(2)) / MiB:.0f} MiB in {mmapped.group(1)}" if mmapped else ""
+    return f"arenas (MiB system/free) {' '.join(heaps)}{tail}"
+
+
 def live_tensor_bytes() -> int:
     """Bytes of distinct CPU tensor storages reachable from gc-tracked objects (parameters included)."""
     import gc
@@ -105,6 +139,7 @@ def child_main(argv: list[str]) -> None:
 
     trim = os.environ.get("MEMBENCH_MALLOC_TRIM") == "1"  # investigation: malloc_trim(0) after each event
     live = os.environ.get("MEMBENCH_LIVE_TENSORS") == "1"  # investigation: bytes of tensors reachable by gc
+    arenas = os.environ.get("MEMBENCH_MALLOC_INFO") == "1"  # investigation: glibc arenas (malloc_info)
     libc = None
     if trim:
         import ctypes
@@ -116,6 +151,8 @@ def child_main(argv: list[str]) -> None:
                 f"RssFile {s['RssFile'] / MiB:8.1f}  VmHWM {s['VmHWM'] / MiB:8.1f} MiB")
         if live:
             line += f"  live tensors {live_tensor_bytes() / MiB:8.1f} MiB"
+        if arenas:
+            line += f"  threads {len(os.listdir('/proc/self/task'))}  {malloc_arenas()}"
         if libc is not None:
             libc.malloc_trim(0)
             line += f"  after malloc_trim: RssAnon {proc_status()['RssAnon'] / MiB:8.1f}"
@@ -126,16 +163,47 @@ def child_main(argv: list[str]) -> None:
 
     settings = ConvertSettings(model=model, out=Path(out), calib=calib, num_samples=int(n), seq_len=int(seq),
                                rank=int(rank), bits=int(bits), solver=solver, device="cpu", overwrite=True)
-    serve_large_blocks_from_mmap()  # as the CLI does before a conversion
+    if os.environ.get("MEMBENCH_NO_ALLOCATOR") != "1":  # investigation: =1 leaves glibc's defaults alone
+        serve_large_blocks_from_mmap()  # as the CLI does before a conversion
+    import torch
+    print(f"  [rss] torch intra-op threads {torch.get_num_threads()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     trace("start")
     convert(settings, on_event=on_event)
     gc.collect()
     print(f"  [rss] ru_maxrss(self) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB", flush=True)
 
 
-def run_conversion(model: Path, out: Path, args, log_path: Path) -> dict:
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def child_environment(threads: str) -> dict[str, str]:
+    """The children's environment for --threads env | default | N."""
+    env = dict(os.environ)
+    if threads == "default":
+        for name in THREAD_VARIABLES:
+            env.pop(name, None)
+    elif threads != "env":
+        env["OMP_NUM_THREADS"] = str(int(threads))
+    return env
+
+
+def torch_threads(env: dict[str, str]) -> int:
+    """torch.get_num_threads() in a fresh interpreter with env: the intra-op threads a child gets."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                           capture_output=True, text=True, check=True)
+    return int(probe.stdout.split()[-1])
+
+
+def threading_label(env: dict[str, str]) -> str:
+    omp = env.get("OMP_NUM_THREADS")
+    return f"OMP_NUM_THREADS={omp}" if omp is not None else "OMP_NUM_THREADS unset (torch's default)"
+
+
+def run_conversion(model: Path, out: Path, args, log_path: Path, env: dict[str, str]) -> dict:
     if args.cli:
-        exe = shutil.which("quailora-convert") or "quailora-convert"
+        beside = Path(sys.executable).with_name("quailora-convert")  # this interpreter's install first
+        exe = str(beside) if beside.exists() else shutil.which("quailora-convert") or "quailora-convert"
         cmd = [exe, str(model), "--calib", str(args.calib), "--out", str(out), "--num-samples", str(args.num_samples),
                "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--bits", str(args.bits),
                "--solver", args.solver, "--device", "cpu", "--overwrite"]
@@ -144,7 +212,7 @@ def run_conversion(model: Path, out: Path, args, log_path: Path) -> dict:
                str(args.num_samples), str(args.seq_len), str(args.rank), str(args.bits), args.solver]
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
@@ -176,11 +244,18 @@ def main() -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--solver", default="exact")
     p.add_argument("--max-ratio", type=float, default=1.15)
+    p.add_argument("--threads", default="env", help=(
+        "children's threading: env (OMP_NUM_THREADS as in this environment), default (OMP_NUM_THREADS and "
+        "MKL_NUM_THREADS removed: torch's default, as a user runs the CLI), or N (OMP_NUM_THREADS=N)"))
     p.add_argument("--cli", action="store_true", help="run the quailora-convert console script (no per-layer trace)")
     p.add_argument("--trace", action="store_true", help="print each child's per-layer RSS trace")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp dir, removed)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
+    if args.threads not in ("env", "default") and not (args.threads.isdigit() and int(args.threads) > 0):
+        p.error(f"--threads must be env, default or a positive integer, got {args.threads!r}")
+    env = child_environment(args.threads)
+    threading = {"mode": args.threads, "omp_num_threads": env.get("OMP_NUM_THREADS"), "torch_threads": torch_threads(env)}
 
     if not (args.tokenizer / "tokenizer.json").exists():
         raise SystemExit(f"no tokenizer at {args.tokenizer}; run `python ../shared/scripts/smollm2.py` first")
@@ -198,7 +273,7 @@ def main() -> int:
                                 str(Path(__file__).resolve()), str(model), str(layers), str(args.tokenizer),
                                 str(args.hidden), str(args.intermediate), str(args.heads), str(args.kv_heads),
                                 args.shard_size], check=True)
-            result = run_conversion(model, work / f"bundle-{layers}l", args, work / f"convert-{layers}l.log")
+            result = run_conversion(model, work / f"bundle-{layers}l", args, work / f"convert-{layers}l.log", env)
             result.update(layers=layers, source_bytes=folder_bytes(model),
                           shards=len(list(model.glob("*.safetensors"))))
             if args.trace:
@@ -209,10 +284,13 @@ def main() -> int:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    env = {k: os.environ[k] for k in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES",
-                                         "OMP_NUM_THREADS", "MEMBENCH_MALLOC_TRIM") if k in os.environ}
+    shown = {k: env[k] for k in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES",
+                                 "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MEMBENCH_MALLOC_TRIM",
+                                 "MEMBENCH_NO_ALLOCATOR") if k in env}
     print(f"calibration {args.calib.name}: {args.num_samples} samples x {args.seq_len} tokens, rank {args.rank}, "
-          f"{args.bits}-bit, solver {args.solver}; env {env or '-'}")
+          f"{args.bits}-bit, solver {args.solver}; {'CLI' if args.cli else 'convert()'}; children's env {shown or '-'}")
+    print(f"threading (--threads {args.threads}): {threading_label(env)}, torch intra-op threads "
+          f"{threading['torch_threads']}")
     print(f"{'layers':>6} {'source MiB':>10} {'shards':>6} {'wall s':>8} {'peak RSS MiB':>13} {'report peak MiB':>16} "
           f"{'rel err after':>13}")
     for r in rows:
@@ -222,9 +300,11 @@ def main() -> int:
     ratio_report = rows[1]["peak_rss_report"] / rows[0]["peak_rss_report"]
     ok = ratio <= args.max_ratio
     print(f"peak({args.layers[1]}) / peak({args.layers[0]}) = {ratio:.3f} (wait4), {ratio_report:.3f} (report); "
-          f"limit {args.max_ratio}: {'OK' if ok else 'FAIL'}")
+          f"limit {args.max_ratio}: {'OK' if ok else 'FAIL'} ({threading_label(env)}, "
+          f"{threading['torch_threads']} torch threads)")
     if args.json:
-        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "env": env,
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "env": shown,
+                                         "threading": threading,
                                          "rows": [{k: v for k, v in r.items() if k != "log"} for r in rows],
                                          "ratio": ratio, "ratio_report": ratio_report, "ok": ok}, indent=2))
     return 0 if ok else 1

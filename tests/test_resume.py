@@ -147,8 +147,12 @@ def test_a_second_run_on_the_same_out_refuses_at_once(case):
     _clean(case)
     first = _start(case)
     _wait_for_layers(case, first, 1)
-    started = time.monotonic()
-    second = run_cli(*case["args"], "--out", case["out"], "--overwrite")
+    first.send_signal(signal.SIGSTOP)  # holds its lock, however slow the second run is to start
+    try:
+        started = time.monotonic()
+        second = run_cli(*case["args"], "--out", case["out"], "--overwrite")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and time.monotonic() - started < 60
     assert "another quailora-convert run (pid" in second.stderr and str(case["out"]) in second.stderr
     assert first.wait(timeout=240) == 0, first.communicate()
