@@ -60,12 +60,19 @@ def bundle_bytes(model: nn.Module, layers_path: str, quantizer: Quantizer, shape
     itemsize = torch.empty(0, dtype=stored_dtype).element_size()
     linear_weights = {f"{n}.weight": m for n, m in linear_modules(model).items() if n.startswith(layers_path + ".")}
     total = 0
-    for name, param in model.named_parameters():
+    for name, param in _stored_parameters(model):
         module = linear_weights.get(name)
         total += quantizer.stored_bytes(*weight_matrix(module).shape) if module is not None else param.numel() * itemsize
     total += sum(4 * min(rank, out, inp) * (out + inp) for out, inp in shapes.values())  # float32 lora_A, lora_B
     total += BASE_HEADER_BYTES * (1 + total // max_shard_bytes) + 200 * len(shapes)
     return total + sum(p.stat().st_size for p in _side_files(source_folder)) + (64 << 10)  # configs, report, card
+
+
+def _stored_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a checkpoint stores: a tied output head (the meta skeleton does not tie it) is not one."""
+    head = model.get_output_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False) and head is not None
+    return [(n, p) for n, p in model.named_parameters() if not (tied and p is head.weight)]
 
 
 def work_bytes(padded_tokens: int, hidden_size: int) -> int:
@@ -86,7 +93,9 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     padded = sum(b.input_ids.numel() for b in batches)
     activations = 4 * padded * hidden_size  # float32, every sample, on the host
     layer_params = sum(p.numel() for p in layers[0].parameters())
-    front_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(layers_path + "."))
+    head = model.get_output_embeddings()  # never run by the front, so never materialised
+    front_params = sum(p.numel() for n, p in model.named_parameters()
+                       if not n.startswith(layers_path + ".") and (head is None or p is not head.weight))
     bundle = bundle_bytes(model, layers_path, quantizer, shapes, s.rank, stored_dtype, source_folder, s.max_shard_bytes)
     baseline = _rss()
     probe = probe_layer(s, model, layers, batches[0], quantizer, device, stored_dtype)
@@ -98,7 +107,7 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     io_bytes = len(layers) * (layer_params * itemsize + activations) + bundle  # reads, checkpoints, the bundle
     startup = time.time() - process_started  # imports, skeleton, calibration: the real run pays them too
     return Plan(
-        layers=len(layers), targeted_modules=len(shapes), parameters=sum(p.numel() for p in model.parameters()),
+        layers=len(layers), targeted_modules=len(shapes), parameters=sum(p.numel() for _, p in _stored_parameters(model)),
         calibration_samples=sum(len(b.input_ids) for b in batches),
         calibration_tokens=int(sum(int(b.attention_mask.sum()) for b in batches)),
         bundle_bytes=bundle, work_bytes=work_bytes(padded, hidden_size),
