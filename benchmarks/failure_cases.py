@@ -79,7 +79,6 @@ def leftovers(folder: Path, keep: set[str]) -> str:
 
 # -- inputs ------------------------------------------------------------------------------------------
 def make_inputs(root: Path) -> dict[str, Path]:
-    import torch
     from safetensors.torch import load_file, save_file
 
     from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
@@ -100,7 +99,6 @@ def make_inputs(root: Path) -> dict[str, Path]:
     paths["blank"].write_text("   \n\n\t \n")
     paths["binary"] = root / "binary.txt"
     paths["binary"].write_bytes(bytes(range(256)) * 64)
-    del torch
     return paths
 
 

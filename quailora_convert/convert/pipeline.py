@@ -36,9 +36,9 @@ from .layer import LayerConverter
 from .plan import Plan, make_plan, process_start_time
 from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
-from .skeleton import build_skeleton, front_materialized
 from .preflight import check_disk, check_rank
 from .resume import check_fingerprint, leave, refuse_existing_out, take_over
+from .skeleton import build_skeleton, front_materialized
 from .work_folder import WorkFolder, fingerprint
 
 
@@ -75,8 +75,7 @@ def dry_run(settings: ConvertSettings, on_event: Listener = ignore, *, process_s
     settings.validate()
     device = resolve_device(settings.device)
     quantizer = quantizer_for(settings.bits)
-    with open_model(settings.model, settings.revision, settings.allow_pickle, settings.trust_remote_code,
-                    lambda message: on_event(Status(message)), metadata_only=True) as source:
+    with open_source(settings, on_event, metadata_only=True) as source:
         model, tokenizer = build_skeleton(source.folder, device, settings.trust_remote_code)
         layers_path, layers = find_decoder_layers(model)
         shapes = _target_shapes(layers_path, layer_targets(layers, layers_path, settings.target_modules))
@@ -91,16 +90,14 @@ def dry_run(settings: ConvertSettings, on_event: Listener = ignore, *, process_s
                          process_started or process_start_time())
 
 
-def open_source(settings: ConvertSettings, on_event: Listener = ignore) -> ContextManager[ModelSource]:
-    """settings.model opened as convert() opens it: for a caller that shares it with a later evaluate()."""
+def open_source(settings: ConvertSettings, on_event: Listener = ignore,
+                metadata_only: bool = False) -> ContextManager[ModelSource]:
+    """settings.model opened as convert() opens it: for a caller that shares it with a later evaluate().
+
+    metadata_only: config, index and tokenizer only (a plan): no shard is downloaded or converted.
+    """
     return open_model(settings.model, settings.revision, settings.allow_pickle, settings.trust_remote_code,
-                      lambda message: on_event(Status(message)))
-
-
-
-
-
-
+                      lambda message: on_event(Status(message)), metadata_only=metadata_only)
 
 
 def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, device: torch.device, on_event: Listener,

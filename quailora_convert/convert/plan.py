@@ -123,7 +123,7 @@ def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, bat
     """Convert a random copy of layer 0 on one batch: seconds and peak bytes of each part of the real loop."""
     front = _random_front(model, layers, device)
     embed = _random_embedding(model.config.hidden_size, device)
-    _reset_peaks(device)
+    baseline = _reset_peaks(device)
     started = time.perf_counter()
     hidden, calls = capture_layer_calls(model, layers, [batch], device, embed=embed)
     front_seconds = time.perf_counter() - started
@@ -144,7 +144,7 @@ def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, bat
             to_peft(correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
             module_report(name, name, E, H, correction, rank)  # the report's own SVD and products
     solve_seconds = time.perf_counter() - started
-    host_bytes, device_bytes = _peaks(device)
+    host_bytes, device_bytes = _peaks(device, baseline)
     del layer, hessians, hidden, calls, front
     return dict(front_seconds=front_seconds, forward_seconds=forward_seconds, solve_seconds=solve_seconds,
                 host_bytes=host_bytes, device_bytes=device_bytes)
@@ -200,19 +200,20 @@ def _status(key: str) -> int:
     return 0
 
 
-def _reset_peaks(device: torch.device) -> None:
+def _reset_peaks(device: torch.device) -> int:
+    """Start measuring peaks from here; returns the current RSS (the host baseline)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
     except OSError:
         pass
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _reset_peaks.rss = _rss()
+    return _rss()
 
 
-def _peaks(device: torch.device) -> tuple[int, int]:
-    """(host bytes above the RSS at _reset_peaks, peak device bytes allocated)."""
-    host = max(0, _status("VmHWM") - _reset_peaks.rss)
+def _peaks(device: torch.device, baseline: int) -> tuple[int, int]:
+    """(host bytes above baseline, the RSS _reset_peaks returned; peak device bytes allocated)."""
+    host = max(0, _status("VmHWM") - baseline)
     on_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return host, on_device
 
