@@ -45,6 +45,15 @@ def test_allocator_setting_is_a_no_op_off_linux(monkeypatch):
     assert allocator.serve_large_blocks_from_mmap() is False
 
 
+def test_allocator_setting_is_a_no_op_on_another_libc(monkeypatch):
+    def no_such_name(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(allocator.os, "confstr", no_such_name)  # musl: no CS_GNU_LIBC_VERSION
+    assert allocator.serve_large_blocks_from_mmap() is False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_allocator_setting_applies_in_a_threaded_process():
     code = ("import torch; from quailora_convert.convert.allocator import serve_large_blocks_from_mmap; "
