@@ -1,18 +1,25 @@
-"""Held-out perplexity of QuAILoRA bundles against plain NF4 (QLoRA), bnb int8 and the source.
+"""Held-out perplexity of QuAILoRA bundle variants against plain NF4 (QLoRA), bnb int8 and the source.
 
-Held-out text: --records records of an Alpaca file (default ../shared/data/calib/code_alpaca_2k.json),
-chosen with random.Random(--seed), formatted with quailora_convert.calibration.formats.format_alpaca,
-truncated to --max-len tokens. Perplexity is token level: exp(sum NLL / predicted tokens), padding
+Held-out text, two kinds, each model evaluated on both:
+- code: --records records of code_alpaca_2k.json (a different task and text type from the calibration
+  data: distribution shift), chosen with random.Random(--seed), formatted with format_alpaca.
+- instructions: the records of the calibration file (self_instruct_alpaca.jsonl) that the calibration draw
+  did not pick (same kind of text as the calibration, never seen by it: separates overfitting to the
+  calibration samples, GPTQ's known risk, from distribution shift), at most --records of them.
+Both truncated to --max-len tokens. Perplexity is token level: exp(sum NLL / predicted tokens), padding
 excluded. Every model is evaluated in eval mode under torch.no_grad() with bf16 as the load dtype
 (the source is stored in bf16 and the bundles' compute dtype is bf16), so all rows share one setting.
 
-Rows: the source (bf16); plain NF4 = a bundle's base with the adapter disabled (identical across
-bundles built with the same --bits; checked by hashing the base shards); each bundle with its
-adapter; the source quantized by transformers' BitsAndBytesConfig(load_in_8bit=True).
-"fraction of the NF4->int8 gap closed" = (ppl_plain_nf4 - ppl_bundle) / (ppl_plain_nf4 - ppl_int8).
+Variants are RANK:SOLVER:ROUNDING:REFINE (64:exact:gptq:2 = rank 64, closed-form solver, GPTQ codes,
+2 refinement rounds); each is built by the CLI into --build-dir/r64-exact-gptq-refine2.
+Rows: the source (bf16); bnb int8 (transformers' BitsAndBytesConfig(load_in_8bit=True)); every distinct
+base with the adapter disabled (bundles sharing a base are checked by hashing the base shards; the
+round-to-nearest base is plain NF4 QLoRA); each bundle with its adapter.
+"fraction of the NF4->int8 gap closed" = (ppl_plain_nf4 - ppl_bundle) / (ppl_plain_nf4 - ppl_int8), with
+plain NF4 = the round-to-nearest base.
 
-    # build rank 16/64 x exact/als bundles from SmolLM2-135M-Instruct, then evaluate everything
-    python benchmarks/quality.py --build-dir /tmp/qbundles --ranks 16 64 --solvers exact als --json /tmp/quality.json
+    python benchmarks/quality.py --build-dir /tmp/qbundles --variants 64:exact:nearest:0 64:exact:gptq:0 \
+        64:exact:gptq:2 --json /tmp/quality.json
     # evaluate bundles that already exist
     python benchmarks/quality.py --bundles /tmp/qbundles/r16-exact /tmp/qbundles/r64-exact --json /tmp/q.json
 
@@ -45,7 +52,14 @@ MiB = 1 << 20
 
 
 # -- building bundles -----------------------------------------------------------------------------
-def build_bundle(source: Path, out: Path, rank: int, solver: str, args) -> dict:
+def parse_variant(spec: str) -> dict:
+    rank, solver, rounding, refine = spec.split(":")
+    return {"rank": int(rank), "solver": solver, "rounding": rounding, "refine": int(refine),
+            "name": f"r{rank}-{solver}" + ("" if rounding == "nearest" else f"-{rounding}")
+                    + (f"-refine{refine}" if int(refine) else "")}
+
+
+def build_bundle(source: Path, out: Path, variant: dict, args) -> dict:
     """Convert in a child process (the CLI); wall time and that child's peak RSS via os.wait4."""
     if (out / REPORT).exists():
         report = json.loads((out / REPORT).read_text())
@@ -54,7 +68,8 @@ def build_bundle(source: Path, out: Path, rank: int, solver: str, args) -> dict:
                 "built_now": False}
     exe = shutil.which("quailora-convert") or "quailora-convert"
     cmd = [exe, str(source), "--calib", str(args.calib), "--out", str(out), "--bits", str(args.bits),
-           "--rank", str(rank), "--solver", solver, "--num-samples", str(args.num_samples),
+           "--rank", str(variant["rank"]), "--solver", variant["solver"], "--rounding", variant["rounding"],
+           "--refine", str(variant["refine"]), "--num-samples", str(args.num_samples),
            "--seq-len", str(args.seq_len), "--device", "cpu"]
     print("$ " + " ".join(cmd), flush=True)
     started = time.perf_counter()
@@ -71,9 +86,11 @@ def bundle_summary(bundle: Path) -> dict:
     s = report["settings"]
     modules = {m["module"]: m for m in report["modules"]}
     q0 = next((m for name, m in modules.items() if name.endswith("layers.0.self_attn.q_proj")), None)
-    out = {"rank": s["rank"], "solver": s["solver"], "bits": s["bits"], "num_samples": s["num_samples"],
+    out = {"rank": s["rank"], "solver": s["solver"], "rounding": s.get("rounding", "nearest"),
+           "refine": s.get("refine", 0), "bits": s["bits"], "num_samples": s["num_samples"],
            "seq_len": s["seq_len"], "relative_error_after": report["summary"]["relative_error_after"],
            "error_before": report["summary"]["error_before"], "error_after": report["summary"]["error_after"],
+           "error_nearest": report["summary"].get("error_nearest", report["summary"]["error_before"]),
            "report_total_seconds": report["timings"]["total_seconds"],
            "report_peak_rss_bytes": report["peak_rss_bytes"]}
     if q0:
@@ -95,12 +112,30 @@ def base_fingerprint(bundle: Path) -> str:
 
 # -- perplexity -----------------------------------------------------------------------------------
 def heldout_sequences(tokenizer, path: Path, records: int, seed: int, max_len: int) -> list[list[int]]:
+    """code: records of an Alpaca .json file, drawn with seed."""
     from quailora_convert.calibration.formats import format_alpaca
 
     data = json.loads(path.read_text())
     chosen = random.Random(seed).sample(range(len(data)), min(records, len(data)))
     texts = [format_alpaca(data[i]) for i in chosen]
     return [ids for ids in (tokenizer(t, truncation=True, max_length=max_len)["input_ids"] for t in texts) if len(ids) >= 2]
+
+
+def unseen_calibration_sequences(tokenizer, args) -> list[list[int]]:
+    """instructions: records of the calibration file that the conversions' calibration draw did not pick.
+
+    The draw is the library's own (read_texts + sample_token_sequences with the conversions' settings);
+    a record is excluded when its calibration-length tokens equal a drawn sample's.
+    """
+    from quailora_convert.calibration.batches import sample_token_sequences
+    from quailora_convert.calibration.texts import read_texts
+
+    texts = read_texts(str(args.calib))
+    drawn = {tuple(ids) for ids in sample_token_sequences(texts, tokenizer, args.num_samples, args.seq_len, 0)}
+    unseen = [t for t in texts if tuple(tokenizer(t, truncation=True, max_length=args.seq_len)["input_ids"]) not in drawn]
+    chosen = random.Random(args.seed).sample(unseen, min(args.records, len(unseen)))
+    return [ids for ids in (tokenizer(t, truncation=True, max_length=args.max_len)["input_ids"] for t in chosen)
+            if len(ids) >= 2]
 
 
 def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int) -> dict:
@@ -112,16 +147,19 @@ def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int) 
             "eval_seconds": result["seconds"]}
 
 
-def evaluate(name: str, loader, sequences, args, pad_id, results: dict, json_path: Path | None, context=None) -> dict:
+def evaluate(name: str, loader, heldout: dict[str, list[list[int]]], args, pad_id, results: dict,
+             json_path: Path | None, context=None) -> dict:
     if name in results["models"] and args.resume:
-        print(f"{name}: reusing ppl {results['models'][name]['ppl']:.4f}", flush=True)
+        print(f"{name}: reusing {results['models'][name]}", flush=True)
         return results["models"][name]
     model = loader()
+    row = {}
     with (context(model) if context else nullcontext()):
-        row = perplexity(model, sequences, args.batch_size, pad_id)
+        for kind, sequences in heldout.items():
+            row[kind] = perplexity(model, sequences, args.batch_size, pad_id)
     row["dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point()))
     results["models"][name] = row
-    print(f"{name}: ppl {row['ppl']:.4f} over {row['tokens']} tokens ({row['eval_seconds']:.0f}s)", flush=True)
+    print(f"{name}: " + ", ".join(f"{k} ppl {row[k]['ppl']:.4f}" for k in heldout), flush=True)
     del model
     gc.collect()
     if json_path:
@@ -134,8 +172,8 @@ def main() -> int:
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     p.add_argument("--bundles", type=Path, nargs="*", default=[], help="existing bundles to evaluate")
     p.add_argument("--build-dir", type=Path, help="build (or reuse) r{rank}-{solver} bundles here")
-    p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--solvers", nargs="+", default=["exact", "als"])
+    p.add_argument("--variants", nargs="+", default=["64:exact:nearest:0", "64:exact:gptq:0"],
+                   help="RANK:SOLVER:ROUNDING:REFINE, built into --build-dir")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
     p.add_argument("--num-samples", type=int, default=128)
@@ -161,15 +199,14 @@ def main() -> int:
 
     bundles = list(args.bundles)
     if args.build_dir:
-        for rank in args.ranks:
-            for solver in args.solvers:
-                out = args.build_dir / f"r{rank}-{solver}"
-                build = build_bundle(args.source, out, rank, solver, args)
-                if build["built_now"] or str(out) not in results["builds"]:
-                    results["builds"][str(out)] = build
-                bundles.append(out)
-                if args.json:
-                    args.json.write_text(json.dumps(results, indent=2))
+        for variant in map(parse_variant, args.variants):
+            out = args.build_dir / variant["name"]
+            build = build_bundle(args.source, out, variant, args)
+            if build["built_now"] or str(out) not in results["builds"]:
+                results["builds"][str(out)] = build
+            bundles.append(out)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
     if not bundles and not args.build_only:
         print("no bundles: give --bundles or --build-dir", file=sys.stderr)
     for bundle in bundles:
@@ -191,31 +228,36 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.source)
     pad_id = pad_token_id(tokenizer)
-    sequences = heldout_sequences(tokenizer, args.heldout, args.records, args.seed, args.max_len)
-    results["heldout"] = {"file": str(args.heldout), "records": len(sequences),
-                          "tokens": sum(len(s) for s in sequences)}
-    print(f"held-out: {len(sequences)} records, {results['heldout']['tokens']} tokens", flush=True)
+    heldout = {"code": heldout_sequences(tokenizer, args.heldout, args.records, args.seed, args.max_len),
+               "instructions": unseen_calibration_sequences(tokenizer, args)}
+    results["heldout"] = {kind: {"records": len(seqs), "tokens": sum(len(s) for s in seqs)}
+                          for kind, seqs in heldout.items()}
+    results["heldout"]["code"]["file"] = str(args.heldout)
+    results["heldout"]["instructions"]["file"] = f"{args.calib} (records the calibration did not draw)"
+    print(f"held-out: {results['heldout']}", flush=True)
     dtype = torch.bfloat16
 
     if "source" not in args.skip:
         evaluate("source (bf16)", lambda: AutoModelForCausalLM.from_pretrained(args.source, dtype=dtype),
-                 sequences, args, pad_id, results, args.json)
+                 heldout, args, pad_id, results, args.json)
     if "int8" not in args.skip:
         evaluate("bnb int8 (LLM.int8, bf16 compute)", lambda: AutoModelForCausalLM.from_pretrained(
             args.source, dtype=dtype, quantization_config=BitsAndBytesConfig(load_in_8bit=True)),
-            sequences, args, pad_id, results, args.json)
+            heldout, args, pad_id, results, args.json)
 
     fingerprints: dict[str, list[str]] = {}
     for bundle in bundles:
         fingerprints.setdefault(results["bundles"][str(bundle)]["base_sha256_16"], []).append(bundle.name)
     for fp, names in fingerprints.items():
         first = next(b for b in bundles if b.name == names[0])
-        evaluate(f"plain NF4 [{fp}] (adapter disabled; {', '.join(names)})",
+        rounding = results["bundles"][str(first)]["rounding"]
+        label = "plain NF4" if rounding == "nearest" else f"{rounding} base"
+        evaluate(f"{label} [{fp}] (adapter disabled; {', '.join(names)})",
                  lambda: AutoPeftModelForCausalLM.from_pretrained(first, dtype=dtype),
-                 sequences, args, pad_id, results, args.json, context=lambda m: m.disable_adapter())
+                 heldout, args, pad_id, results, args.json, context=lambda m: m.disable_adapter())
     for bundle in bundles:
         evaluate(f"bundle {bundle.name}", lambda: AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=dtype),
-                 sequences, args, pad_id, results, args.json)
+                 heldout, args, pad_id, results, args.json)
     print_tables(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -224,29 +266,33 @@ def main() -> int:
 
 def print_tables(results: dict, args) -> None:
     print("\nconversions:")
-    print(f"{'bundle':<14} {'rank':>4} {'solver':>6} {'wall s':>8} {'peak RSS MiB':>12} {'rel err after':>13} "
-          f"{'q0 svd/before':>13} {'q0 after/before':>15} {'base sha':>16}")
+    print(f"{'bundle':<26} {'wall s':>8} {'peak RSS MiB':>12} {'rel err after':>13} {'base err / nearest':>18} "
+          f"{'base sha':>16}")
     for path, b in results["bundles"].items():
-        q0 = b.get("layer0_q_proj", {})
         wall = b.get("wall_seconds", b["report_total_seconds"])
         peak = b.get("peak_rss_bytes", b["report_peak_rss_bytes"])
-        print(f"{Path(path).name:<14} {b['rank']:>4} {b['solver']:>6} {wall:>8.1f} {peak / MiB:>12.1f} "
-              f"{b['relative_error_after']:>13.4f} {q0.get('svd_init_over_before', float('nan')):>13.4f} "
-              f"{q0.get('after_over_before', float('nan')):>15.4f} {b['base_sha256_16']:>16}")
+        print(f"{Path(path).name:<26} {wall:>8.1f} {peak / MiB:>12.1f} {b['relative_error_after']:>13.4f} "
+              f"{b['error_before'] / b['error_nearest']:>18.4f} {b['base_sha256_16']:>16}")
     models = results["models"]
     if not models:
         return
-    plain = next((r["ppl"] for n, r in models.items() if n.startswith("plain NF4")), None)
-    int8 = next((r["ppl"] for n, r in models.items() if n.startswith("bnb int8")), None)
-    print(f"\nperplexity on {results.get('heldout', {}).get('records')} held-out records "
-          f"({results.get('heldout', {}).get('tokens')} tokens), eval mode, no_grad, bf16:")
-    print(f"{'model':<60} {'ppl':>9} {'gap closed':>10}")
+    kinds = [k for k in ("code", "instructions") if k in next(iter(models.values()))]
+    plain = next((r for n, r in models.items() if n.startswith("plain NF4")), None)
+    int8 = next((r for n, r in models.items() if n.startswith("bnb int8")), None)
+    print("\nperplexity on held-out text (eval mode, no_grad, bf16): "
+          + "; ".join(f"{k}: {results['heldout'][k]['records']} records, {results['heldout'][k]['tokens']} tokens"
+                      for k in kinds))
+    print(f"{'model':<70} " + " ".join(f"{k + ' ppl':>16} {'gap closed':>10}" for k in kinds))
     for name, r in models.items():
-        gap = ""
-        if name.startswith("bundle") and plain is not None and int8 is not None and plain != int8:
-            r["gap_closed"] = (plain - r["ppl"]) / (plain - int8)
-            gap = f"{r['gap_closed']:.3f}"
-        print(f"{name:<60} {r['ppl']:>9.4f} {gap:>10}")
+        cells = []
+        for k in kinds:
+            gap = ""
+            if plain is not None and int8 is not None and plain[k]["ppl"] != int8[k]["ppl"] and not name.startswith(
+                    ("source", "bnb int8", "plain NF4")):
+                r[k]["gap_closed"] = (plain[k]["ppl"] - r[k]["ppl"]) / (plain[k]["ppl"] - int8[k]["ppl"])
+                gap = f"{r[k]['gap_closed']:.3f}"
+            cells.append(f"{r[k]['ppl']:>16.4f} {gap:>10}")
+        print(f"{name:<70} " + " ".join(cells))
 
 
 if __name__ == "__main__":

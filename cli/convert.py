@@ -36,6 +36,13 @@ def convert(
     solver: Annotated[str, typer.Option("--solver", help=(
         "exact (closed form), als (paper), svd (weight-space)."))] = DEFAULT["solver"],
     als_steps: Annotated[int, typer.Option("--als-steps", help="Alternating steps for --solver als.")] = DEFAULT["als_steps"],
+    rounding: Annotated[str, typer.Option("--rounding", help=(
+        "Base codes: nearest (bitsandbytes' own), or gptq (bnb's scales, codes chosen with error feedback "
+        "through the calibration H; the file stays plain bitsandbytes)."))] = DEFAULT["rounding"],
+    refine: Annotated[int, typer.Option("--refine", help=(
+        "Rounds of re-rounding W - M and re-solving M; the best iterate is kept."))] = DEFAULT["refine"],
+    gptq_damp: Annotated[float, typer.Option("--gptq-damp", help=(
+        "Added to H's diagonal for --rounding gptq, relative to its mean."))] = DEFAULT["gptq_damp"],
     target_modules: Annotated[str, typer.Option("--target-modules", help=(
         "all-linear, or comma-separated names."))] = DEFAULT["target_modules"],
     num_samples: Annotated[int, typer.Option("--num-samples", help=(

@@ -85,6 +85,9 @@ def build_model_card(report: dict, *, adapter: dict | None = None, evaluation: d
         rank=settings.get("rank"), lora_alpha=settings.get("lora_alpha"), use_rslora=settings.get("use_rslora"),
         target_modules=", ".join(adapter.get("target_modules") or []) if adapter else settings.get("target_modules"),
         solver=solver, solver_label=_solver_label(settings),
+        rounding=settings.get("rounding", "nearest"), rounding_label=_rounding_label(settings),
+        refine_label=_refine_label(settings, modules),
+        error_nearest=summary.get("error_nearest", before),
         calib=Path(str(settings.get("calib", "?"))).name, samples=report.get("calibration", {}).get("samples"),
         tokens=report.get("calibration", {}).get("tokens"), seq_len=settings.get("seq_len"), seed=settings.get("seed"),
         modules=summary.get("modules", len(modules)), error_before=before, error_after=after,
@@ -181,6 +184,22 @@ def _source_readme(report: dict, source_folder: Path | None, allow_download: boo
         except Exception as e:  # noqa: BLE001 - no card (or offline): nothing to inherit
             log.info("no model card for %s (%s)", repo_id, type(e).__name__)
     return None
+
+
+def _rounding_label(settings: dict) -> str:
+    if settings.get("rounding", "nearest") == "gptq":
+        return (f"GPTQ codes on bitsandbytes' own scales, error feedback through the calibration `H` "
+                f"(damping {settings.get('gptq_damp')})")
+    return "bitsandbytes' round-to-nearest"
+
+
+def _refine_label(settings: dict, modules: list[dict]) -> str:
+    rounds = settings.get("refine", 0) or 0
+    if not rounds:
+        return "none"
+    improved = sum(1 for m in modules if m.get("kept_round", 0) > 0)
+    return (f"{rounds} rounds of re-rounding `W − M` and re-solving `M`, best iterate kept "
+            f"(a later round was kept on {improved} of {len(modules)} modules)")
 
 
 def _solver_label(settings: dict) -> str:

@@ -24,7 +24,8 @@ def tiny(tmp_path_factory):
 def test_convert_through_console_script(tiny, tmp_path):
     source, calib = tiny
     result = run_cli(source, "--calib", calib, "--out", tmp_path / "b", "--rank", "4", "--num-samples", "8",
-                     "--seq-len", "32", "--solver", "als", "--als-steps", "5", "--bits", "8", "--use-rslora")
+                     "--seq-len", "32", "--solver", "als", "--als-steps", "5", "--bits", "8", "--use-rslora",
+                     "--rounding", "gptq", "--refine", "1")
     assert result.returncode == 0, result.stderr
     assert "bundle written to" in result.stdout
     adapter = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
@@ -33,7 +34,10 @@ def test_convert_through_console_script(tiny, tmp_path):
     report = json.loads((tmp_path / "b" / "quailora_report.json").read_text())
     assert report["quantization"] == {"bits": 8, "type": "int8"}
     assert report["settings"]["solver"] == "als"
+    assert report["settings"]["rounding"] == "gptq" and report["settings"]["refine"] == 1
     assert report["summary"]["relative_error_after"] < 1.0
+    assert report["summary"]["error_before"] < report["summary"]["error_nearest"]
+    assert all(len(m["refine_errors"]) == 2 for m in report["modules"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -41,6 +45,9 @@ def test_convert_through_console_script(tiny, tmp_path):
     (["{source}", "--calib", "/no/such.jsonl", "--out", "{out}"], "not a file"),
     (["{source}", "--calib", "{calib}", "--out", "{out}", "--bits", "3"], "--bits"),
     (["{source}", "--calib", "{calib}", "--out", "{out}", "--solver", "magic"], "--solver"),
+    (["{source}", "--calib", "{calib}", "--out", "{out}", "--rounding", "stochastic"], "--rounding"),
+    (["{source}", "--calib", "{calib}", "--out", "{out}", "--refine", "-1"], "--refine"),
+    (["{source}", "--calib", "{calib}", "--out", "{out}", "--gptq-damp", "0"], "--gptq-damp"),
     (["{source}", "--calib", "{calib}", "--out", "{out}", "--target-modules", "nope_proj"], "matches no linear"),
     (["{source}", "--calib", "{calib}", "--out", "{out}", "--device", "cuda:7"] if not torch.cuda.is_available()
      else ["{source}", "--calib", "{calib}", "--out", "{out}", "--device", "bogus"], "--device"),
@@ -79,7 +86,8 @@ def test_help_lists_the_options():
     result = run_cli("convert", "--help")
     assert result.returncode == 0
     for option in ("--bits", "--rank", "--calib", "--num-samples", "--seq-len", "--lora-alpha", "--use-rslora",
-                   "--solver", "--als-steps", "--target-modules", "--device", "--seed"):
+                   "--solver", "--als-steps", "--rounding", "--refine", "--gptq-damp", "--target-modules", "--device",
+                   "--seed"):
         assert option in result.stdout
 
 

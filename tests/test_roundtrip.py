@@ -10,13 +10,14 @@ from reference import assert_bundle_matches_reference, bundle_tensors, dequantiz
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
+@pytest.fixture(scope="module", params=[("nearest", 0), ("gptq", 2)], ids=["nearest", "gptq-refine2"])
+def tiny_bundle(tmp_path_factory, request):
+    rounding, refine = request.param
     root = tmp_path_factory.mktemp("roundtrip")
     source = save_tiny(tiny_llama_config(), root / "source")
     calib = write_text_calibration(root / "calib.jsonl")
     out = convert(ConvertSettings(model=str(source), out=root / "bundle", calib=str(calib), rank=8, num_samples=16,
-                                  seq_len=32, batch_size=4))
+                                  seq_len=32, batch_size=4, rounding=rounding, refine=refine))
     return source, out
 
 
@@ -51,6 +52,8 @@ def test_report_shows_error_reduction_per_module(tiny_bundle):
     assert len(report["modules"]) == 14
     for m in report["modules"]:
         assert m["error_after"] <= m["error_svd_init"] * (1 + 1e-6) <= m["error_before"] * (1 + 1e-6)
+        assert m["error_before"] <= m["error_nearest"] * (1 + 1e-6)  # GPTQ codes never worse on the calibration H
+        assert m["error_after"] == min(m["refine_errors"]) <= m["refine_errors"][0]
     assert report["summary"]["relative_error_after"] < 0.9
     groups = {m["module"].rsplit(".", 1)[-1]: m["input_group"].rsplit(".", 1)[-1] for m in report["modules"]}
     assert groups["k_proj"] == groups["v_proj"] == "q_proj" and groups["up_proj"] == "gate_proj"

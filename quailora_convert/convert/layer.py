@@ -13,9 +13,10 @@ from torch import nn
 
 from ..bundle.writer import BundleWriter
 from ..calibration.batches import CalibrationBatch
+from ..core.joint import Compensated, quantize_and_solve
 from ..core.lora import adapter_key, lora_scaling, to_peft
 from ..core.quantize import Quantizer
-from ..core.solvers import solve
+from ..core.solvers import factor_hessian, solve, solve_factored
 from ..sources.checkpoint import CheckpointReader, KeyMap, materialize, release
 from .architectures import linear_modules, weight_matrix
 from .capture import CALIBRATION_DTYPE, InputHessians, LayerCall, accumulate_hessians
@@ -56,25 +57,26 @@ class LayerConverter:
         """Quantize and write one linear; for a target also solve, write its adapter and report it."""
         path = f"{prefix}{name}"
         W = weight_matrix(module).detach()  # (out, in) float32, exact copy of the stored values
-        quantized = self.quantizer.quantize(W.to(stored_dtype))
-        for suffix, tensor in quantized.tensors.items():
-            self.writer.add_base_tensor(f"{path}.{suffix}", tensor)
         if not targeted:
+            self._add_base(path, self.quantizer.quantize(W.to(stored_dtype)).tensors)
             return None
         if name not in hessians.leader:
             raise RuntimeError(f"{path} was never called during calibration; exclude it with --target-modules")
         s = self.settings
-        E = W.float() - quantized.dequantized.float()  # (out, in)
         H = hessians.mean(name)  # (in, in)
-        rank = min(s.rank, *E.shape)
         try:
-            correction = solve(E, H, rank, s.solver, s.als_steps, s.damp)
+            result = compensate(s, self.quantizer, W, stored_dtype, H)
         except FloatingPointError as e:
             raise FloatingPointError(f"{path}: {e}") from e
-        lora_A, lora_B = to_peft(correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
+        self._add_base(path, result.quantized.tensors)
+        lora_A, lora_B = to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
         self.writer.add_adapter_tensor(adapter_key(path, "lora_A"), lora_A)
         self.writer.add_adapter_tensor(adapter_key(path, "lora_B"), lora_B)
-        return module_report(path, f"{prefix}{hessians.leader[name]}", E, H, correction, rank)
+        return module_report(path, f"{prefix}{hessians.leader[name]}", result, H)
+
+    def _add_base(self, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        for suffix, tensor in tensors.items():
+            self.writer.add_base_tensor(f"{path}.{suffix}", tensor)
 
     def _copy_extras(self, prefix: str, layer: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Norms, biases and persistent buffers of the layer (all but its linears' weights), copied as stored."""
@@ -83,3 +85,19 @@ class LayerConverter:
             key = f"{prefix}{name}"
             if key not in quantized and key in self.key_map.to_checkpoint:
                 self.writer.add_base_tensor(key, self.reader.get(self.key_map.to_checkpoint[key]))
+
+
+def compensate(s: ConvertSettings, quantizer: Quantizer, W: torch.Tensor, stored_dtype: torch.dtype,
+               H: torch.Tensor) -> Compensated:
+    """Base codes and correction of one targeted linear W (out, in) with the settings' rounding, solver and
+    refinement; H (in, in) is factored once for every solve of the exact solver."""
+    rank = min(s.rank, *W.shape)
+    if s.solver == "exact":
+        factor = factor_hessian(H, W.shape[1], s.damp)
+
+        def solve_error(E: torch.Tensor):
+            return solve_factored(E, factor, rank)
+    else:
+        def solve_error(E: torch.Tensor):
+            return solve(E, H, rank, s.solver, s.als_steps, s.damp)
+    return quantize_and_solve(W, stored_dtype, H, quantizer, solve_error, s.rounding, s.refine, s.gptq_damp)

@@ -23,9 +23,9 @@ from ..bundle.writer import BASE_HEADER_BYTES
 from ..calibration.batches import CalibrationBatch
 from ..core.lora import lora_scaling, to_peft
 from ..core.quantize import Quantizer
-from ..core.solvers import solve
 from .architectures import linear_modules, select_targets, weight_matrix
 from .capture import CALIBRATION_DTYPE, accumulate_hessians, capture_layer_calls
+from .layer import compensate
 from .report import module_report
 from .settings import ConvertSettings
 
@@ -136,13 +136,13 @@ def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, bat
     started = time.perf_counter()
     for name, module in linear_modules(layer).items():
         W = weight_matrix(module).detach()
-        quantized = quantizer.quantize(W.to(stored_dtype))
         if name in targets and name in hessians.leader:
-            E = W.float() - quantized.dequantized.float()
-            H, rank = hessians.mean(name), min(s.rank, *E.shape)
-            correction = solve(E, H, rank, s.solver, s.als_steps, s.damp)
-            to_peft(correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
-            module_report(name, name, E, H, correction, rank)  # the report's own SVD and products
+            H = hessians.mean(name)
+            result = compensate(s, quantizer, W, stored_dtype, H)
+            to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
+            module_report(name, name, result, H)  # the report's own SVD and products
+        else:
+            quantizer.quantize(W.to(stored_dtype))
     solve_seconds = time.perf_counter() - started
     host_bytes, device_bytes = _peaks(device, baseline)
     del layer, hessians, hidden, calls, front

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .. import __version__
 from ..calibration.batches import CalibrationBatch
+from ..core.joint import Compensated
 from ..core.quantize import Quantizer
-from ..core.solvers import LowRank, calibrated_error, svd_init
+from ..core.solvers import calibrated_error, svd_init
 from ..sources.resolve import ModelSource
 from .settings import ConvertSettings
 
@@ -21,21 +22,29 @@ class ModuleReport:
     module: str
     shape: tuple[int, int]  # (out, in)
     input_group: str  # the module whose input H was accumulated on (q/k/v share one)
-    error_before: float  # ||E X||^2 / n
+    error_before: float  # ||E X||^2 / n of the stored base, without adapter
     error_svd_init: float  # with the rank-r SVD of E (weight-space init)
     error_after: float  # with the solver's correction
     damped_eigenvalues: int
+    error_nearest: float  # of bitsandbytes' round-to-nearest base, without adapter (= error_before for it)
+    refine_errors: list[float]  # with adapter: the first solve, then each --refine round
+    kept_round: int  # the round stored (the lowest error)
 
 
-def module_report(module: str, input_group: str, E: Tensor, H: Tensor, correction: LowRank, rank: int) -> ModuleReport:
+def module_report(module: str, input_group: str, result: Compensated, H: Tensor) -> ModuleReport:
     """The calibrated error of one linear without adapter, with the weight-space baseline (a second,
     float64 SVD of E, computed for this report) and with the solver's correction."""
+    E, correction = result.error, result.correction
+    rank = correction.left.shape[1]
     return ModuleReport(
         module=module, shape=tuple(E.shape), input_group=input_group,
-        error_before=calibrated_error(E, H),
+        error_before=result.error_rounded,
         error_svd_init=calibrated_error(E.double() - svd_init(E, rank).matrix(), H),
-        error_after=calibrated_error(E.double() - correction.matrix(), H),
+        error_after=result.objective_rounds[result.kept_round],
         damped_eigenvalues=correction.damped,
+        error_nearest=result.error_nearest,
+        refine_errors=result.objective_rounds,
+        kept_round=result.kept_round,
     )
 
 
@@ -46,6 +55,7 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
     import peft
     import transformers
 
+    nearest = sum(r.error_nearest for r in modules)  # plain bitsandbytes: what "relative" compares against
     before = sum(r.error_before for r in modules)
     after = sum(r.error_after for r in modules)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
@@ -57,8 +67,8 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
         "settings": settings,
         "calibration": {"samples": sum(len(b.input_ids) for b in batches),
                         "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))},
-        "summary": {"modules": len(modules), "error_before": before, "error_after": after,
-                    "relative_error_after": after / before if before else None},
+        "summary": {"modules": len(modules), "error_nearest": nearest, "error_before": before, "error_after": after,
+                    "relative_error_after": after / nearest if nearest else None},
         "modules": [asdict(r) for r in modules],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__},

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bundle.layout import DEFAULT_MAX_SHARD_BYTES
-from ..core.options import DEFAULT_DAMP, SOLVERS
+from ..core.options import DEFAULT_DAMP, DEFAULT_GPTQ_DAMP, ROUNDINGS, SOLVERS
 from ..errors import BadInputError
 
 if TYPE_CHECKING:
@@ -30,6 +30,9 @@ class ConvertSettings:
     solver: str = "exact"
     als_steps: int = 20
     damp: float = DEFAULT_DAMP
+    rounding: str = "nearest"  # base codes: bitsandbytes' round-to-nearest, or GPTQ on bnb's scales
+    refine: int = 0  # rounds of re-rounding W - M and re-solving M (the best iterate is kept)
+    gptq_damp: float = DEFAULT_GPTQ_DAMP
     target_modules: str | list[str] = "all-linear"
     num_samples: int = 128
     seq_len: int = 512
@@ -49,6 +52,12 @@ class ConvertSettings:
 
         if self.solver not in SOLVERS:
             raise BadInputError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.rounding not in ROUNDINGS:
+            raise BadInputError(f"--rounding {self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+        if self.refine < 0:
+            raise BadInputError(f"--refine must be >= 0, got {self.refine}")
+        if not self.gptq_damp > 0:
+            raise BadInputError(f"--gptq-damp must be positive, got {self.gptq_damp}")
         if self.rank < 1:
             raise BadInputError(f"--rank must be >= 1, got {self.rank}")
         if not self.lora_alpha > 0:

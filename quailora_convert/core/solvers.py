@@ -41,6 +41,21 @@ def svd_init(E: Tensor, rank: int) -> LowRank:
     return _balanced(U[:, :rank] * S[:rank], Vh[:rank])
 
 
+@dataclass(frozen=True)
+class DampedFactor:
+    """H = V diag(root^2) V^T with eigenvalues below the floor raised to it: L = V diag(root)."""
+
+    V: Tensor  # (in, in) float64 eigenvectors
+    root: Tensor  # (in,) float64 square roots of the damped eigenvalues
+    damped: int  # how many eigenvalues were raised to the floor
+
+
+def factor_hessian(H: Tensor, in_features: int, damp: float = DEFAULT_DAMP) -> DampedFactor:
+    """The damped factorisation solve_exact uses; compute it once to solve several E against one H."""
+    eigenvalues, V, damped = _damped_eigh(H, in_features, damp)
+    return DampedFactor(V, eigenvalues.sqrt(), damped)
+
+
 def solve_exact(E: Tensor, H: Tensor, rank: int, damp: float = DEFAULT_DAMP) -> LowRank:
     """The closed-form minimiser of tr((E - M) H (E - M)^T) over rank-r M.
 
@@ -48,12 +63,17 @@ def solve_exact(E: Tensor, H: Tensor, rank: int, damp: float = DEFAULT_DAMP) -> 
     eigenvalue below damp * mean(eigenvalues) raised to that floor (the count is returned).
     """
     E64 = _checked(E, rank)
-    eigenvalues, V, damped = _damped_eigh(H, E64.shape[1], damp)
-    root = eigenvalues.sqrt()  # L = V diag(root)
+    return solve_factored(E64, factor_hessian(H, E64.shape[1], damp), rank)
+
+
+def solve_factored(E: Tensor, factor: DampedFactor, rank: int) -> LowRank:
+    """solve_exact with H already factored (factor_hessian)."""
+    E64 = _checked(E, rank)
+    V, root = factor.V, factor.root
     U, S, Vh = torch.linalg.svd((E64 @ V) * root, full_matrices=False)  # E L (out, in)
     right = (Vh[:rank] / root) @ V.T  # rows of [E L]_r L^-1
     low_rank = _balanced(U[:, :rank] * S[:rank], right)
-    return LowRank(low_rank.left, low_rank.right, damped)
+    return LowRank(low_rank.left, low_rank.right, factor.damped)
 
 
 def solve_als(E: Tensor, H: Tensor, rank: int, steps: int = 20) -> LowRank:
