@@ -5,7 +5,10 @@ dtype), put in eval mode and run under torch.no_grad() on the same token sequenc
 
 - the source in full precision, and quantized by transformers' BitsAndBytesConfig(load_in_8bit=True)
   (when the source is available: the report's MODEL, or `source=`);
-- the bundle's base with the adapter disabled: plain QLoRA;
+- plain QLoRA: bitsandbytes' round-to-nearest quantization of the source. For a bundle whose base is
+  round-to-nearest (--rounding nearest) that is the bundle's base with the adapter disabled; for a
+  calibrated base (--rounding gptq) it is the source loaded with transformers' BitsAndBytesConfig (when the
+  source is available), and the bundle's own base with the adapter disabled is a row of its own;
 - the bundle: base + QuAILoRA adapter.
 
 Perplexity is token level: exp(sum of next-token NLL / number of predicted tokens), padding excluded.
@@ -31,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .bundle.layout import ADAPTER_CONFIG, EVAL, REPORT, config_dtype, read_config
+from .bundle.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EVAL, REPORT, config_dtype, read_config
 from .bundle.read import read_json, verify_bundle
 from .calibration import self_generated
 from .calibration.batches import make_batches, pad_token_id, sample_token_sequences
@@ -43,7 +46,9 @@ from .quiet_libraries import quiet_libraries
 from .sources.resolve import ModelSource, open_model
 
 log = logging.getLogger(__name__)
-ROW_SOURCE, ROW_INT8, ROW_PLAIN, ROW_BUNDLE = "source", "source int8 (LLM.int8)", "QLoRA (adapter disabled)", "QuAILoRA bundle"
+ROW_SOURCE, ROW_INT8, ROW_BUNDLE = "source", "source int8 (LLM.int8)", "QuAILoRA bundle"
+ROW_PLAIN = "plain QLoRA (bnb round-to-nearest)"
+ROW_BASE = "bundle base (adapter disabled)"  # a calibrated (not round-to-nearest) base on its own
 
 
 def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: ModelSource | None = None) -> dict:
@@ -67,13 +72,13 @@ def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: Mod
         tokenizer = AutoTokenizer.from_pretrained(bundle)
         sequences, data = _heldout(settings, report, source_folder, tokenizer, on_event)
         dtype = config_dtype(read_config(bundle)) or torch.float32
-        rows, details = _perplexities(_loaders(bundle, source_folder, dtype), sequences, settings.batch_size,
-                                      pad_token_id(tokenizer), on_event)
+        rows, details = _perplexities(_loaders(bundle, report, source_folder, dtype), sequences,
+                                      settings.batch_size, pad_token_id(tokenizer), on_event)
 
     bits = report["quantization"]["bits"]
     by_name = {r["model"]: r["perplexity"] for r in rows}
     gap = None
-    if bits == 4 and ROW_INT8 in by_name and by_name[ROW_PLAIN] != by_name[ROW_INT8]:
+    if bits == 4 and ROW_INT8 in by_name and ROW_PLAIN in by_name and by_name[ROW_PLAIN] != by_name[ROW_INT8]:
         gap = (by_name[ROW_PLAIN] - by_name[ROW_BUNDLE]) / (by_name[ROW_PLAIN] - by_name[ROW_INT8])
     result = {
         "rows": rows, "gap_closed": gap, "data": data,
@@ -87,7 +92,8 @@ def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: Mod
     return result
 
 
-def _loaders(bundle: Path, source_folder: Path | None, dtype: torch.dtype) -> list[tuple[str, Callable[[], object], bool]]:
+def _loaders(bundle: Path, report: dict, source_folder: Path | None,
+             dtype: torch.dtype) -> list[tuple[str, Callable[[], object], bool]]:
     """(row name, model loader, adapter disabled) for every row, in table order."""
     loaders: list[tuple[str, Callable[[], object], bool]] = []
     if source_folder is not None:
@@ -95,7 +101,13 @@ def _loaders(bundle: Path, source_folder: Path | None, dtype: torch.dtype) -> li
         loaders.append((source_row, lambda: _load_source(source_folder, dtype), False))
         loaders.append((ROW_INT8, lambda: _load_source(source_folder, dtype, int8=True), False))
     load_bundle = cache(lambda: _load_bundle(bundle, dtype))  # one load serves both bundle rows
-    loaders.append((ROW_PLAIN, load_bundle, True))
+    if report["settings"].get("rounding", "nearest") == "nearest":
+        loaders.append((ROW_PLAIN, load_bundle, True))  # the base is bnb's own quantization
+    else:
+        if source_folder is not None:
+            bits = report["quantization"]["bits"]
+            loaders.append((ROW_PLAIN, lambda: _load_source_quantized(source_folder, dtype, bits), False))
+        loaders.append((ROW_BASE, load_bundle, True))
     loaders.append((ROW_BUNDLE, load_bundle, False))
     return loaders
 
@@ -216,6 +228,17 @@ def _load_source(folder: Path, dtype: torch.dtype, int8: bool = False):
                                                 device_map=_device_map()).eval()
 
 
+def _load_source_quantized(folder: Path, dtype: torch.dtype, bits: int):
+    """The source quantized on load by transformers as plain QLoRA does (bnb round-to-nearest)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .core.quantize import quantizer_for
+
+    quantization = BitsAndBytesConfig(**quantizer_for(bits).loader_options(dtype))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quantization,
+                                                device_map=_device_map()).eval()
+
+
 @contextmanager
 def _adapter_disabled(model):
     """The bundle's base alone (plain QLoRA): transformers' switch for the adapter it attached."""
@@ -230,4 +253,24 @@ def _load_bundle(bundle: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     # a complete checkpoint with its adapter beside it: transformers attaches the adapter, once
-    return AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, device_map=_device_map()).eval()
+    model = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, device_map=_device_map())
+    _adapter_in_float32(model, bundle)
+    return model.eval()
+
+
+def _adapter_in_float32(model, bundle: Path) -> None:
+    """The LoRA factors as stored (float32), not rounded to the load dtype: as PEFT keeps and trains them
+    (PeftModel's autocast_adapter_dtype); transformers' own adapter loading casts them to dtype."""
+    from safetensors.torch import load_file
+
+    stored = load_file(str(bundle / ADAPTER_WEIGHTS))
+    for name, module in model.named_modules():
+        for factor in ("lora_A", "lora_B"):
+            layers = getattr(module, factor, None)
+            if not isinstance(layers, torch.nn.ModuleDict) or "default" not in layers:
+                continue
+            key = f"base_model.model.{name}.{factor}.weight"
+            weight = layers["default"].weight
+            if key not in stored or stored[key].shape != weight.shape:
+                raise BadInputError(f"{bundle / ADAPTER_WEIGHTS} has no {key} of shape {tuple(weight.shape)}")
+            weight.data = stored[key].to(device=weight.device, dtype=torch.float32)

@@ -11,7 +11,7 @@ from quailora_cli.progress import HANDLERS, PLAIN, RICH, Reporter
 from cli_process import run_cli
 from quailora_convert.bundle.layout import EVAL
 from quailora_convert.convert import ConvertSettings, convert
-from quailora_convert.evaluate import ROW_BUNDLE, ROW_INT8, ROW_PLAIN, EvalSettings, evaluate
+from quailora_convert.evaluate import ROW_BASE, ROW_BUNDLE, ROW_INT8, ROW_PLAIN, EvalSettings, evaluate
 from quailora_convert.events import EVENT_TYPES, Calibrated, ConversionDone, LayerConverted, Status
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     calib = write_text_calibration(root / "calib.jsonl")
     heldout = write_text_calibration(root / "heldout.jsonl", count=12, seed=7)
     bundle = convert(ConvertSettings(model=str(source), out=root / "bundle", calib=str(calib), rank=8,
-                                     num_samples=16, seq_len=32))
+                                     num_samples=16, seq_len=32, rounding="nearest", refine=0))
     return source, calib, heldout, bundle
 
 
@@ -45,6 +45,22 @@ def test_eval_rows_json_shape_and_adapter_effect(tiny, tmp_path):
     assert written["gap_closed"] is None or math.isfinite(written["gap_closed"])
     assert written["gap_closed"] == result["gap_closed"]
     assert written["details"][0]["tokens"] > 8
+
+
+def test_eval_of_a_gptq_bundle_compares_against_round_to_nearest(tiny, tmp_path):
+    """Plain QLoRA is bnb's round-to-nearest of the source, not the bundle's calibrated base."""
+    source, calib, heldout, nearest_bundle = tiny
+    gptq_bundle = convert(ConvertSettings(model=str(source), out=tmp_path / "gptq", calib=str(calib), rank=8,
+                                          num_samples=16, seq_len=32, rounding="gptq", refine=1))
+    settings = dict(data=str(heldout), num_samples=8, seq_len=32)
+    nearest = {r["model"]: r["perplexity"] for r in evaluate(EvalSettings(bundle=nearest_bundle, **settings))["rows"]}
+    gptq = evaluate(EvalSettings(bundle=gptq_bundle, **settings))
+    rows = {r["model"]: r["perplexity"] for r in gptq["rows"]}
+    assert [r["model"] for r in gptq["rows"]][2:] == [ROW_PLAIN, ROW_BASE, ROW_BUNDLE]
+    assert rows[ROW_PLAIN] == pytest.approx(nearest[ROW_PLAIN], rel=1e-6)  # the same round-to-nearest base
+    assert rows[ROW_BASE] != rows[ROW_PLAIN]  # the calibrated codes differ
+    assert gptq["gap_closed"] == pytest.approx(
+        (rows[ROW_PLAIN] - rows[ROW_BUNDLE]) / (rows[ROW_PLAIN] - rows[ROW_INT8]))
 
 
 def test_eval_without_source_keeps_the_bundle_rows(tiny, tmp_path):

@@ -32,9 +32,11 @@ def smollm2() -> Path:
 def bundles(smollm2, alpaca_calib, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     made = {}
-    for bits in (4, 8):
-        made[bits] = convert(ConvertSettings(model=str(smollm2), out=root / f"nf{bits}", calib=str(alpaca_calib),
-                                             bits=bits, rank=16, num_samples=12, seq_len=128, batch_size=4))
+    variants = {4: dict(bits=4, rounding="nearest", refine=0), 8: dict(bits=8, rounding="gptq", refine=1),
+                "gptq": dict(bits=4, rounding="gptq", refine=1)}
+    for name, options in variants.items():
+        made[name] = convert(ConvertSettings(model=str(smollm2), out=root / f"b{name}", calib=str(alpaca_calib),
+                                             rank=16, num_samples=12, seq_len=128, batch_size=4, **options))
     return made
 
 
@@ -78,6 +80,20 @@ def test_logits_match_float32_reference(bundles, smollm2):
     assert_bundle_matches_reference(smollm2, bundles[4], ids, atol=2e-3)  # 30 layers of float32 rounding
 
 
+def test_gptq_bundle_matches_reference_and_rounds_better_on_every_module(bundles, smollm2):
+    ids = torch.randint(100, 40000, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert_bundle_matches_reference(smollm2, bundles["gptq"], ids, atol=2e-3)
+    gptq = json.loads((bundles["gptq"] / "quailora_report.json").read_text())
+    nearest = {m["module"]: m for m in json.loads((bundles[4] / "quailora_report.json").read_text())["modules"]}
+    assert len(gptq["modules"]) == 30 * LINEARS_PER_LAYER
+    for m in gptq["modules"]:
+        assert m["error_nearest"] == pytest.approx(nearest[m["module"]]["error_before"], rel=1e-9), m["module"]
+        assert m["error_before"] <= m["error_nearest"], m["module"]  # GPTQ codes vs bnb's, on the calibration H
+        assert m["error_after"] == min(m["refine_errors"]), m["module"]
+    assert gptq["summary"]["error_after"] < 0.9 * json.loads(
+        (bundles[4] / "quailora_report.json").read_text())["summary"]["error_after"]
+
+
 def test_report_objectives_are_ordered_and_activation_aware(bundles):
     report = json.loads((bundles[4] / "quailora_report.json").read_text())
     assert len(report["modules"]) == 30 * LINEARS_PER_LAYER
@@ -94,5 +110,5 @@ def test_int8_bundle_loads_and_adapter_lowers_error(bundles):
     assert len(linears) == 30 * LINEARS_PER_LAYER
     assert all(type(m).__name__ == "Linear8bitLt" for m in linears.values())
     report = json.loads((bundles[8] / "quailora_report.json").read_text())
-    assert all(m["error_after"] < m["error_before"] for m in report["modules"])
+    assert all(m["error_after"] < m["error_before"] <= m["error_nearest"] for m in report["modules"])
     assert report["summary"]["relative_error_after"] < 0.9

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ContextManager
 
@@ -144,8 +144,8 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, devi
                      stored_dtypes=sorted(str(d).removeprefix("torch.") for d in converter.stored_dtypes))
         _commit(work, state, writer, hidden)
         on_event(LayerConverted(index, len(layers), state["layer_seconds"][-1]))
-    return _finish(s, source, quantizer, writer, model, layers_path, targets, shapes, reader, key_map, batches, state,
-                   converter.stored_dtypes, started)
+    opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
+    return _finish(s, source, quantizer, writer, opened, batches, state, converter.stored_dtypes, started)
 
 
 def _commit(work: WorkFolder, state: dict, writer: BundleWriter, hidden: list[torch.Tensor]) -> None:
@@ -153,15 +153,24 @@ def _commit(work: WorkFolder, state: dict, writer: BundleWriter, hidden: list[to
     work.commit(state, writer.state(), hidden)
 
 
+@dataclass
+class _OpenedModel:
+    """The skeleton and what the finish reads of it besides the settings."""
+
+    model: nn.Module
+    layers_path: str  # "model.layers"
+    targets: list[dict[str, nn.Module]]  # per decoder layer: the targeted linears by name
+    shapes: dict[str, tuple[int, int]]  # targeted module path -> (out, in)
+    reader: CheckpointReader
+    key_map: KeyMap
 
 
-def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, writer: BundleWriter, model: nn.Module,
-            layers_path: str, targets: list[dict[str, nn.Module]], shapes: dict[str, tuple[int, int]],
-            reader: CheckpointReader, key_map: KeyMap, batches: list[CalibrationBatch], state: dict,
-            stored_dtypes: set[torch.dtype], started: float) -> dict:
+def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, writer: BundleWriter, opened: _OpenedModel,
+            batches: list[CalibrationBatch], state: dict, stored_dtypes: set[torch.dtype], started: float) -> dict:
     """Configs, tokenizer, report and card beside the weights; shards closed and named."""
-    _write_configs(writer, s, source, quantizer, stored_dtypes, model, layers_path, targets, shapes)
-    dropped = sorted(set(reader.keys()) - set(key_map.to_model))
+    _write_configs(writer, s, source, quantizer, stored_dtypes, opened.model, opened.layers_path, opened.targets,
+                   opened.shapes)
+    dropped = sorted(set(opened.reader.keys()) - set(opened.key_map.to_model))
     modules = [ModuleReport(**row) for row in state["reports"]]
     report = conversion_report(s, source, quantizer, modules, batches, state["calibration_seconds"],
                                state["layer_seconds"], started, dropped)

@@ -30,8 +30,8 @@ class ConvertSettings:
     solver: str = "exact"
     als_steps: int = 20
     damp: float = DEFAULT_DAMP
-    rounding: str = "nearest"  # base codes: bitsandbytes' round-to-nearest, or GPTQ on bnb's scales
-    refine: int = 0  # rounds of re-rounding W - M and re-solving M (the best iterate is kept)
+    rounding: str = "gptq"  # base codes: GPTQ on bnb's scales, or bitsandbytes' round-to-nearest (README: quality table)
+    refine: int = 4  # rounds of re-rounding W - M and re-solving M (the best iterate is kept)
     gptq_damp: float = DEFAULT_GPTQ_DAMP
     target_modules: str | list[str] = "all-linear"
     num_samples: int = 128
