@@ -59,20 +59,15 @@ def heldout_perplexity(model, sequences: list[list[int]], batch_size: int, pad_i
     """Token-level perplexity in train mode under no_grad (see the module docstring)."""
     import torch
 
+    from quailora_convert.calibration.batches import make_batches
+
     was_training = model.training
     model.train()
     device = next(p for p in model.parameters()).device
     nll, tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = sequences[start:start + batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+        for batch in make_batches(sequences, batch_size, pad_id):
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
@@ -126,6 +121,8 @@ def train_one(label: str, model, train_ids, eval_ids, args, pad_id, out: Path) -
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from quailora_convert.calibration.batches import make_batches
+
     check_dropout_is_zero(model, label)
     curve_steps = sorted({round(args.steps * k / CURVE_POINTS) for k in range(1, CURVE_POINTS + 1)})
     curve = [{"step": 0, "ppl": heldout_perplexity(model, eval_ids, args.eval_batch, pad_id)}]
@@ -143,13 +140,9 @@ def train_one(label: str, model, train_ids, eval_ids, args, pad_id, out: Path) -
             if logs and "loss" in logs:
                 losses.append({"step": state.global_step, "loss": logs["loss"]})
 
-    def collate(batch):
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, b in enumerate(batch):
-            ids[row, :len(b["input_ids"])] = torch.tensor(b["input_ids"])
-            mask[row, :len(b["input_ids"])] = 1
+    def collate(examples):
+        [batch] = make_batches([e["input_ids"] for e in examples], len(examples), pad_id)
+        ids, mask = batch.input_ids, batch.attention_mask
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     training = TrainingArguments(
