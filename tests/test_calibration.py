@@ -7,7 +7,7 @@ import torch
 from quailora_convert.calibration.batches import make_batches, sample_token_sequences
 from quailora_convert.calibration.formats import format_alpaca
 from quailora_convert.calibration.texts import read_texts
-from quailora_convert.core.hessian import HessianSum
+from quailora_convert.core.hessian import HessianSum, add_upper_triangle
 from quailora_convert.errors import BadInputError
 from tiny_models import byte_tokenizer
 
@@ -83,3 +83,25 @@ def test_hessian_ignores_padding_tokens():
     again = HessianSum(8, "cpu")
     again.add(x, mask)
     assert torch.equal(again.sum, padded.sum)
+
+
+@pytest.mark.parametrize("in_features, block", [(300, 128), (256, 64), (40, 128)])
+def test_triangular_hessian_update_equals_the_full_product(in_features, block):
+    g = torch.Generator().manual_seed(in_features)
+    batches = [torch.randn(n, in_features, generator=g, dtype=torch.float64) for n in (50, 17, 90)]
+    total = torch.zeros(in_features, in_features, dtype=torch.float64)
+    for X in batches:
+        add_upper_triangle(total, X, block)
+    X = torch.cat(batches)
+    full = X.T @ X
+    assert torch.allclose(torch.triu(total), torch.triu(full), rtol=1e-12, atol=1e-9)
+    assert not torch.triu(total, diagonal=block).eq(0).all() or in_features <= block
+    blocks_below = torch.tril(total, diagonal=-1)
+    rows = torch.arange(in_features)
+    below_diagonal_blocks = (rows[:, None] // block) > (rows[None, :] // block)
+    assert blocks_below[below_diagonal_blocks].eq(0).all()  # half the work: those entries are never computed
+    summed = HessianSum(in_features, "cpu")
+    for Xb in batches:
+        summed.add(Xb.float(), None)
+    assert torch.allclose(summed.mean().double(), full / X.shape[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(summed.mean(), summed.mean().T)

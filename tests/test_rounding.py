@@ -9,7 +9,7 @@ import torch
 
 from quailora_convert.core.joint import quantize_and_solve
 from quailora_convert.core.quantize import Int8Quantizer, NF4Quantizer, pack_nibbles, unpack_nibbles
-from quailora_convert.core.rounding import gptq_codes, nearest_codes
+from quailora_convert.core.rounding import gptq_codes, gptq_factor, nearest_codes
 from quailora_convert.core.solvers import calibrated_error, factor_hessian, solve_exact, solve_factored
 
 
@@ -77,11 +77,11 @@ def test_gptq_calibrated_error_is_below_round_to_nearest(seed, quantizer, dtype)
     W, H = correlated_problem(seed)
     nearest = quantizer.quantize(W.to(dtype))
     grid = quantizer.grid(nearest)
-    gptq = quantizer.with_codes(nearest, gptq_codes(W, H, grid))
+    gptq = quantizer.with_codes(nearest, gptq_codes(W, gptq_factor(H), grid))
     error_nearest = calibrated_error(W - nearest.dequantized.float(), H)
     error_gptq = calibrated_error(W - gptq.dequantized.float(), H)
     assert error_gptq < 0.8 * error_nearest
-    in_order = quantizer.with_codes(nearest, gptq_codes(W, H, grid, act_order=False))
+    in_order = quantizer.with_codes(nearest, gptq_codes(W, gptq_factor(H, act_order=False), grid))
     assert calibrated_error(W - in_order.dequantized.float(), H) < error_nearest
 
 
@@ -90,7 +90,7 @@ def test_gptq_on_isotropic_h_is_round_to_nearest():
     W, _ = correlated_problem(5)
     quantizer = NF4Quantizer()
     grid = quantizer.grid(quantizer.quantize(W))
-    assert torch.equal(gptq_codes(W, torch.eye(W.shape[1]), grid), nearest_codes(W, grid))
+    assert torch.equal(gptq_codes(W, gptq_factor(torch.eye(W.shape[1])), grid), nearest_codes(W, grid))
 
 
 def test_gptq_tolerates_dead_inputs():
@@ -99,7 +99,7 @@ def test_gptq_tolerates_dead_inputs():
     H[:10, :] = 0  # inputs that are always zero
     quantizer = NF4Quantizer()
     grid = quantizer.grid(quantizer.quantize(W))
-    codes = gptq_codes(W, H, grid)
+    codes = gptq_codes(W, gptq_factor(H), grid)
     assert codes.min() >= 0 and codes.max() < 16
     assert torch.equal(codes[:, :10], nearest_codes(W[:, :10], grid.__class__(grid.levels, grid.scales[:, :10])))
 
@@ -137,6 +137,46 @@ def test_factored_solve_equals_solve_exact():
     assert torch.equal(direct.left, factored.left) and torch.equal(direct.right, factored.right)
 
 
+def test_a_shared_gptq_factor_gives_the_same_bundle_as_one_made_per_call():
+    W, H = correlated_problem(11)
+    quantizer = NF4Quantizer()
+    solve_error = (lambda E: solve_exact(E, H, 8))
+    own = quantize_and_solve(W, torch.bfloat16, H, quantizer, solve_error, "gptq", refine=2)
+    shared = quantize_and_solve(W, torch.bfloat16, H, quantizer, solve_error, "gptq", refine=2, gptq=gptq_factor(H))
+    assert all(torch.equal(own.quantized.tensors[k], shared.quantized.tensors[k]) for k in own.quantized.tensors)
+    assert torch.equal(own.correction.left, shared.correction.left)
+
+
+def _textbook_gptq(W, H, grid, damp=0.01, block=128):
+    """GPTQ as first written here (one column at a time, the factor made per call): the reference."""
+    from quailora_convert.core.rounding import _inverse_cholesky_upper, _nearest
+
+    order = torch.argsort(torch.diagonal(H), descending=True)
+    U = _inverse_cholesky_upper(H.double()[order][:, order], damp)
+    work, scales = W.float()[:, order].clone(), grid.step()[:, order].float()
+    codes = torch.empty(W.shape, dtype=torch.int64)
+    for start in range(0, W.shape[1], block):
+        stop = min(start + block, W.shape[1])
+        errors = torch.empty(W.shape[0], stop - start)
+        for j in range(start, stop):
+            column = work[:, j]
+            codes[:, j] = _nearest(column / scales[:, j], grid.levels)
+            error = (column - grid.levels[codes[:, j]] * scales[:, j]) / U[j, j]
+            work[:, j:stop].sub_(error[:, None] * U[j, j:stop][None, :])
+            errors[:, j - start] = error
+        work[:, stop:].sub_(errors @ U[start:stop, stop:])
+    result = torch.empty_like(codes)
+    result[:, order] = codes
+    return result
+
+
+@pytest.mark.parametrize("quantizer", [NF4Quantizer(), Int8Quantizer()])
+def test_fast_gptq_loop_gives_the_textbook_codes_bit_for_bit(quantizer):
+    W, H = correlated_problem(12, 96, 320, 600)
+    grid = quantizer.grid(quantizer.quantize(W))
+    assert torch.equal(gptq_codes(W, gptq_factor(H), grid), _textbook_gptq(W, H, grid))
+
+
 def test_bad_rounding_arguments_raise():
     W, H = correlated_problem(10, 8, 64, 128)
     with pytest.raises(ValueError, match="rounding"):
@@ -144,4 +184,4 @@ def test_bad_rounding_arguments_raise():
     with pytest.raises(ValueError, match="refinement"):
         quantize_and_solve(W, torch.float32, H, NF4Quantizer(), lambda E: solve_exact(E, H, 2), "gptq", refine=-1)
     with pytest.raises(ValueError, match="H must be"):
-        gptq_codes(W, H[:10, :10], NF4Quantizer().grid(NF4Quantizer().quantize(W)))
+        gptq_codes(W, gptq_factor(H[:10, :10]), NF4Quantizer().grid(NF4Quantizer().quantize(W)))

@@ -58,3 +58,13 @@ def test_report_shows_error_reduction_per_module(tiny_bundle):
     groups = {m["module"].rsplit(".", 1)[-1]: m["input_group"].rsplit(".", 1)[-1] for m in report["modules"]}
     assert groups["k_proj"] == groups["v_proj"] == "q_proj" and groups["up_proj"] == "gate_proj"
     assert groups["o_proj"] == "o_proj" and groups["down_proj"] == "down_proj"
+
+
+def test_report_splits_the_time_into_phases(tiny_bundle):
+    _, bundle = tiny_bundle
+    timings = json.loads((bundle / "quailora_report.json").read_text())["timings"]
+    phases = timings["phase_seconds"]
+    assert list(phases) == ["read", "forward", "hessian", "quantize", "solve", "write", "other"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["forward"] > 0 and phases["hessian"] > 0 and phases["solve"] > 0 and phases["write"] > 0
+    assert sum(phases.values()) == pytest.approx(timings["total_seconds"], rel=1e-6)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from quailora_convert.core.lora import lora_scaling, to_peft
-from quailora_convert.core.solvers import calibrated_error, solve, solve_als, solve_exact, svd_init
+from quailora_convert.core.solvers import (
+    calibrated_error, factor_hessian, solve, solve_als, solve_exact, solve_factored, svd_init, top_singular)
 
 
 def _problem(out=48, inp=96, tokens=400, seed=0, spread=3.0):
@@ -61,7 +62,7 @@ def test_singular_h_is_damped_and_finite():
     H = X @ X.T / 20
     result = solve_exact(E, H, 8)
     assert torch.isfinite(result.left).all() and torch.isfinite(result.right).all()
-    assert result.damped >= 64 - 20
+    assert result.ridge >= 1e-6
     assert calibrated_error(E - result.matrix(), H) <= calibrated_error(E - svd_init(E, 8).matrix(), H)
 
 
@@ -109,3 +110,61 @@ def test_bad_inputs_raise_clear_errors():
         solve_exact(E, torch.zeros_like(H), 4)
     with pytest.raises(ValueError, match="unknown solver"):
         solve(E, H, 4, "magic")
+
+
+def _full_rank_r_residual(A, rank):
+    S = torch.linalg.svdvals(A)
+    return float((S[rank:] ** 2).sum())
+
+
+@pytest.mark.parametrize("shape", [(600, 700), (1100, 560)])
+@pytest.mark.parametrize("spread", [0.0, 3.0])
+def test_randomized_top_singular_is_within_1e_3_of_the_full_svd(shape, spread):
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(*shape, generator=g, dtype=torch.float64)
+    A *= torch.logspace(-spread / 2, spread / 2, shape[1], dtype=torch.float64)  # flat (0) or decaying spectrum
+    U, S, Vh = top_singular(A, 32)
+    assert U.shape == (shape[0], 32) and S.shape == (32,) and Vh.shape == (32, shape[1])
+    residual = float(((A - (U * S) @ Vh) ** 2).sum())
+    best = _full_rank_r_residual(A, 32)
+    assert best * (1 - 1e-12) <= residual <= best * (1 + 1e-3)
+    assert torch.allclose(U.T @ U, torch.eye(32, dtype=torch.float64), atol=1e-10)
+
+
+def test_randomized_top_singular_is_deterministic_and_small_matrices_get_the_full_svd():
+    A = torch.randn(500, 600, dtype=torch.float64)
+    first, second = top_singular(A, 16), top_singular(A, 16)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    small = torch.randn(60, 80, dtype=torch.float64)
+    U, S, Vh = top_singular(small, 16)  # 8 * 2 * 16 > 60: the full SVD, exactly
+    assert torch.allclose(S, torch.linalg.svdvals(small)[:16], rtol=1e-12)
+
+
+def test_exact_solve_with_randomized_svd_matches_the_full_minimiser():
+    E, H = _problem(out=640, inp=768, tokens=2000, seed=12)
+    factor = factor_hessian(H, 768)
+    M = solve_factored(E, factor, 24).matrix()
+    best = _full_rank_r_residual(E @ factor.L, 24)  # the minimum of ||(E - M) L||^2
+    achieved = float((((E - M) @ factor.L) ** 2).sum())
+    assert best <= achieved * (1 + 1e-9) and achieved <= best * (1 + 1e-3)
+    assert calibrated_error(E - M, H) < calibrated_error(E - svd_init(E, 24).matrix(), H)
+
+
+def test_cholesky_ridge_grows_when_h_is_numerically_indefinite():
+    E, H = _problem(out=32, inp=64)
+    H = H.clone()
+    H[0, 0] -= 2 * float(torch.linalg.eigvalsh(H)[0]) + 1e-3 * float(torch.diagonal(H).mean())  # one negative eigenvalue
+    factor = factor_hessian(H, 64)
+    assert factor.ridge > 1e-6
+    rebuilt = factor.L @ factor.L.T
+    ridge = factor.ridge * float(torch.diagonal(H).mean())
+    assert torch.allclose(rebuilt, H + ridge * torch.eye(64, dtype=torch.float64), atol=1e-9)
+
+
+def test_cheap_weight_space_baseline_is_a_projection_that_never_hurts():
+    E, H = _problem(out=640, inp=800, seed=13)
+    cheap = svd_init(E, 16, max_power=1, fallback=False).matrix()
+    best = _full_rank_r_residual(E, 16)
+    residual = float(((E - cheap) ** 2).sum())
+    assert best * (1 - 1e-12) <= residual <= best * 1.1
+    assert calibrated_error(E - cheap, H) <= calibrated_error(E, H)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..calibration.batches import CalibrationBatch
 from ..core.hessian import HessianSum
+from .phases import PhaseTimer
 
 CALIBRATION_DTYPE = torch.float32  # the paper's X comes from the full-precision model
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
@@ -143,12 +144,14 @@ class InputHessians:
 
 
 def accumulate_hessians(layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
-                        calls: list[LayerCall], batches: list[CalibrationBatch], device: torch.device) -> InputHessians:
+                        calls: list[LayerCall], batches: list[CalibrationBatch], device: torch.device,
+                        timer: PhaseTimer | None = None) -> InputHessians:
     """Full-precision forward of every batch through one layer: H of its targets' inputs.
 
     hidden[b] (layer input on CPU) is replaced by the layer's output, the next layer's input.
+    The timer, if any, is charged "hessian" for the H updates.
     """
-    hooks = HessianHooks(targets, device)
+    hooks = HessianHooks(targets, device, timer or PhaseTimer(device))
     try:
         with torch.no_grad():
             for b, batch in enumerate(batches):
@@ -170,8 +173,9 @@ class HessianHooks:
     grouping is read off the first batch, not from names.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device):
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, timer: PhaseTimer):
         self.device = device
+        self.timer = timer
         self.leader: dict[str, str] = {}  # module name -> name of its group's first module
         self.sums: dict[str, HessianSum] = {}
         self._token_mask: torch.Tensor | None = None
@@ -190,9 +194,10 @@ class HessianHooks:
                 self.leader[name] = same or name
             self._seen.append((x, self.leader[name]))  # a strong reference keeps x's identity unique
             if self.leader[name] == name:
-                if name not in self.sums:
-                    self.sums[name] = HessianSum(x.shape[-1], self.device)
-                self.sums[name].add(x, self._token_mask)
+                with self.timer.phase("hessian"):
+                    if name not in self.sums:
+                        self.sums[name] = HessianSum(x.shape[-1], self.device)
+                    self.sums[name].add(x, self._token_mask)
         return hook
 
     def remove(self) -> None:

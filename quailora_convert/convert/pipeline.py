@@ -33,6 +33,7 @@ from ..sources.resolve import ModelSource, open_model
 from .architectures import find_decoder_layers, layer_targets, linear_modules, weight_matrix
 from .capture import capture_layer_calls
 from .layer import LayerConverter
+from .phases import PhaseTimer
 from .plan import Plan, make_plan, process_start_time
 from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
@@ -119,22 +120,24 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, devi
         work.save_calibration(batches)
 
     on_event(Status("capturing calibration activations"))
-    with front_materialized(model, layers_path, reader, key_map, device):
+    timer = PhaseTimer(device, state.get("phase_seconds") if state is not None else None)
+    with front_materialized(model, layers_path, reader, key_map, device), timer.phase("forward"):
         hidden, calls = capture_layer_calls(model, layers, batches, device)
     if state is None:
         writer = BundleWriter(work.bundle, s.max_shard_bytes, header_bytes_for([adapter_key(p, f) for p in shapes
                                                                                 for f in ("lora_A", "lora_B")]))
         _copy_outside_layers(writer, reader, key_map, layers_path)
         state = {"fingerprint": prints, "layers": len(layers), "next_layer": 0, "reports": [], "stored_dtypes": [],
-                 "layer_seconds": [], "calibration_seconds": time.perf_counter() - started}
-        _commit(work, state, writer, hidden)
+                 "layer_seconds": [], "calibration_seconds": time.perf_counter() - started,
+                 "phase_seconds": timer.seconds}
+        _commit(work, state, writer, hidden, timer)
     else:
         writer = BundleWriter(work.bundle, s.max_shard_bytes, 0, state=state["bundle"])
         del hidden
         hidden = work.load_activations(state)
     on_event(Calibrated(sum(len(b.input_ids) for b in batches), state["calibration_seconds"]))
 
-    converter = LayerConverter(s, quantizer, reader, key_map, writer, batches, device,
+    converter = LayerConverter(s, quantizer, reader, key_map, writer, batches, device, timer,
                                {getattr(torch, name) for name in state["stored_dtypes"]})
     for index in range(state["next_layer"], len(layers)):
         layer_started = time.perf_counter()
@@ -142,15 +145,17 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, devi
         state["layer_seconds"].append(time.perf_counter() - layer_started)
         state.update(next_layer=index + 1, reports=state["reports"] + [asdict(r) for r in reports],
                      stored_dtypes=sorted(str(d).removeprefix("torch.") for d in converter.stored_dtypes))
-        _commit(work, state, writer, hidden)
+        _commit(work, state, writer, hidden, timer)
         on_event(LayerConverted(index, len(layers), state["layer_seconds"][-1]))
     opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
     return _finish(s, source, quantizer, writer, opened, batches, state, converter.stored_dtypes, started)
 
 
-def _commit(work: WorkFolder, state: dict, writer: BundleWriter, hidden: list[torch.Tensor]) -> None:
-    writer.sync()
-    work.commit(state, writer.state(), hidden)
+def _commit(work: WorkFolder, state: dict, writer: BundleWriter, hidden: list[torch.Tensor], timer: PhaseTimer) -> None:
+    with timer.phase("write"):
+        writer.sync()
+        state["phase_seconds"] = dict(timer.seconds)  # includes this commit's wait only up to here
+        work.commit(state, writer.state(), hidden)
 
 
 @dataclass
@@ -173,7 +178,7 @@ def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, write
     dropped = sorted(set(opened.reader.keys()) - set(opened.key_map.to_model))
     modules = [ModuleReport(**row) for row in state["reports"]]
     report = conversion_report(s, source, quantizer, modules, batches, state["calibration_seconds"],
-                               state["layer_seconds"], started, dropped)
+                               state["layer_seconds"], state.get("phase_seconds", {}), started, dropped)
     writer.write_json(REPORT, report)
     render_model_card(writer.folder, report=report, source_folder=source.folder, model_id=str(s.out),
                       allow_download=source.repo_id is not None)  # README.md, the Hub model card

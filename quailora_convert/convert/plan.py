@@ -25,7 +25,7 @@ from ..core.lora import lora_scaling, to_peft
 from ..core.quantize import Quantizer
 from .architectures import linear_modules, select_targets, weight_matrix
 from .capture import CALIBRATION_DTYPE, accumulate_hessians, capture_layer_calls
-from .layer import compensate
+from .layer import GroupFactors, compensate
 from .report import module_report
 from .settings import ConvertSettings
 
@@ -134,13 +134,15 @@ def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, bat
     hessians = accumulate_hessians(layer, targets, hidden, calls[0], [batch], device)
     forward_seconds = time.perf_counter() - started
     started = time.perf_counter()
+    groups: dict[str, GroupFactors] = {}  # shared per input group, as in the real loop
     for name, module in linear_modules(layer).items():
         W = weight_matrix(module).detach()
         if name in targets and name in hessians.leader:
-            H = hessians.mean(name)
-            result = compensate(s, quantizer, W, stored_dtype, H)
+            leader = hessians.leader[name]
+            group = groups.setdefault(leader, GroupFactors(hessians.mean(name), s.damp, s.gptq_damp))
+            result = compensate(s, quantizer, W, stored_dtype, group)
             to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
-            module_report(name, name, result, H)  # the report's own SVD and products
+            module_report(name, name, result, group.H)  # the report's own SVD and products
         else:
             quantizer.quantize(W.to(stored_dtype))
     solve_seconds = time.perf_counter() - started

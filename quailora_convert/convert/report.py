@@ -17,6 +17,9 @@ from ..sources.resolve import ModelSource
 from .settings import ConvertSettings
 
 
+BASELINE_POWER = 2  # the baseline is a comparison, not an output: a few percent from the optimum is fine
+
+
 @dataclass
 class ModuleReport:
     module: str
@@ -25,23 +28,24 @@ class ModuleReport:
     error_before: float  # ||E X||^2 / n of the stored base, without adapter
     error_svd_init: float  # with the rank-r SVD of E (weight-space init)
     error_after: float  # with the solver's correction
-    damped_eigenvalues: int
+    ridge: float  # added to H's diagonal for the solve, relative to its mean (--damp, more if H needed it)
     error_nearest: float  # of bitsandbytes' round-to-nearest base, without adapter (= error_before for it)
     refine_errors: list[float]  # with adapter: the first solve, then each --refine round
     kept_round: int  # the round stored (the lowest error)
 
 
 def module_report(module: str, input_group: str, result: Compensated, H: Tensor) -> ModuleReport:
-    """The calibrated error of one linear without adapter, with the weight-space baseline (a second,
-    float64 SVD of E, computed for this report) and with the solver's correction."""
+    """The calibrated error of one linear without adapter, with the weight-space baseline (the rank-r
+    truncated SVD of E, computed for this report: exact for small matrices, else randomized with
+    BASELINE_POWER power iterations) and with the solver's correction."""
     E, correction = result.error, result.correction
     rank = correction.left.shape[1]
     return ModuleReport(
         module=module, shape=tuple(E.shape), input_group=input_group,
         error_before=result.error_rounded,
-        error_svd_init=calibrated_error(E.double() - svd_init(E, rank).matrix(), H),
+        error_svd_init=calibrated_error(E.double() - svd_init(E, rank, BASELINE_POWER, fallback=False).matrix(), H),
         error_after=result.objective_rounds[result.kept_round],
-        damped_eigenvalues=correction.damped,
+        ridge=correction.ridge,
         error_nearest=result.error_nearest,
         refine_errors=result.objective_rounds,
         kept_round=result.kept_round,
@@ -50,7 +54,7 @@ def module_report(module: str, input_group: str, result: Compensated, H: Tensor)
 
 def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, modules: list[ModuleReport],
                       batches: list[CalibrationBatch], calibration_seconds: float, layer_seconds: list[float],
-                      started: float, dropped_keys: list[str]) -> dict:
+                      phase_seconds: dict[str, float], started: float, dropped_keys: list[str]) -> dict:
     import bitsandbytes
     import peft
     import transformers
@@ -72,11 +76,21 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
         "modules": [asdict(r) for r in modules],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__},
-        "timings": {"calibration_seconds": calibration_seconds, "layer_seconds": layer_seconds,
-                    "total_seconds": time.perf_counter() - started},
+        "timings": _timings(calibration_seconds, layer_seconds, phase_seconds, time.perf_counter() - started),
         "peak_rss_bytes": _peak_rss_bytes(),
         "dropped_checkpoint_keys": dropped_keys,
     }
+
+
+def _timings(calibration_seconds: float, layer_seconds: list[float], phase_seconds: dict[str, float],
+             total_seconds: float) -> dict:
+    """Wall seconds: calibration, each layer, each phase (convert.phases; "other" is the rest of the
+    total: opening the source, tokenizing, configs, card), and the total. After --resume the phases
+    add up the runs and the total is this run's."""
+    phases = dict(phase_seconds)
+    phases["other"] = max(total_seconds - sum(phase_seconds.values()), 0.0)
+    return {"calibration_seconds": calibration_seconds, "layer_seconds": layer_seconds, "phase_seconds": phases,
+            "total_seconds": total_seconds}
 
 
 def _peak_rss_bytes() -> int:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .options import DEFAULT_GPTQ_DAMP, ROUNDINGS
 from .quantize import QuantizedWeight, Quantizer
-from .rounding import gptq_codes, nearest_codes
+from .rounding import GptqFactor, gptq_codes, gptq_factor, nearest_codes
 from .solvers import LowRank, calibrated_error
 
 
@@ -37,8 +37,12 @@ class Compensated:
 
 def quantize_and_solve(W: Tensor, stored_dtype: torch.dtype, H: Tensor, quantizer: Quantizer,
                        solve_error: Callable[[Tensor], LowRank], rounding: str = "nearest", refine: int = 0,
-                       gptq_damp: float = DEFAULT_GPTQ_DAMP) -> Compensated:
-    """Base codes and rank-r correction for W; solve_error(E) returns the correction of an error E."""
+                       gptq_damp: float = DEFAULT_GPTQ_DAMP, gptq: GptqFactor | None = None) -> Compensated:
+    """Base codes and rank-r correction for W; solve_error(E) returns the correction of an error E.
+
+    gptq: H's GPTQ factor, when the caller shares one between the modules of an input group
+    (computed here from H and gptq_damp otherwise).
+    """
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if refine < 0:
@@ -47,10 +51,12 @@ def quantize_and_solve(W: Tensor, stored_dtype: torch.dtype, H: Tensor, quantize
     nearest = quantizer.quantize(W.to(stored_dtype))
     error_nearest = calibrated_error(W - nearest.dequantized.float(), H)
     grid = quantizer.grid(nearest) if rounding == "gptq" or refine else None
+    if rounding == "gptq" and gptq is None:
+        gptq = gptq_factor(H, gptq_damp)
 
     def codes_for(target: Tensor) -> Tensor:
         if rounding == "gptq":
-            return gptq_codes(target, H, grid, gptq_damp)
+            return gptq_codes(target, gptq, grid)
         return nearest_codes(target, grid)
 
     quantized = quantizer.with_codes(nearest, codes_for(W)) if rounding == "gptq" else nearest

@@ -43,32 +43,47 @@ def nearest_codes(target: Tensor, grid: CodeGrid) -> Tensor:
     return _nearest(target.float() / grid.step(), grid.levels)
 
 
-def gptq_codes(W: Tensor, H: Tensor, grid: CodeGrid, damp: float = DEFAULT_GPTQ_DAMP,
-               act_order: bool = True, block: int = GPTQ_BLOCK) -> Tensor:
+@dataclass(frozen=True)
+class GptqFactor:
+    """What GPTQ needs of H, computed once per input group and reused by every module and round."""
+
+    order: Tensor  # (in,) int64: the columns in processing order
+    U: Tensor  # (in, in) float32: upper Cholesky factor of the damped H^-1, rows and columns in that order
+
+
+def gptq_factor(H: Tensor, damp: float = DEFAULT_GPTQ_DAMP, act_order: bool = True) -> GptqFactor:
+    """With act_order the columns go in order of decreasing H diagonal (largest inputs first); the
+    scales are fixed per weight, so any order yields codes on the same grid."""
+    in_features = H.shape[0]
+    order = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_features)
+    return GptqFactor(order.to(H.device), _inverse_cholesky_upper(H.double()[order][:, order], damp))
+
+
+def gptq_codes(W: Tensor, factor: GptqFactor, grid: CodeGrid, block: int = GPTQ_BLOCK) -> Tensor:
     """Codes (out, in) chosen column by column, each column's rounding error fed forward to the
     columns not yet quantized through the Cholesky factor of the damped H^-1 (GPTQ, Frantar et al. 2022).
-
-    With act_order the columns go in order of decreasing H diagonal (largest inputs first); the
-    scales are fixed per weight, so any order yields codes on the same grid.
     """
     out_features, in_features = W.shape
-    if H.shape != (in_features, in_features):
-        raise ValueError(f"H must be ({in_features}, {in_features}), got {tuple(H.shape)}")
-    order = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_features)
-    U = _inverse_cholesky_upper(H.double()[order][:, order], damp).to(W.device)  # (in, in) float32
+    if factor.U.shape != (in_features, in_features):
+        raise ValueError(f"H must be ({in_features}, {in_features}), got {tuple(factor.U.shape)}")
+    order, U = factor.order.to(W.device), factor.U.to(W.device)  # (in,), (in, in) float32
+    diagonal = torch.diagonal(U).tolist()  # python floats (exactly U's float32 values): no tensor indexing per column
     work = W.float()[:, order].clone()  # (out, in), columns in processing order
-    scales, levels = grid.step()[:, order].float(), grid.levels.float()
-    codes = torch.empty(out_features, in_features, dtype=torch.int64, device=W.device)
+    steps_by_column = grid.step()[:, order].float().T.contiguous()  # (in, out): one contiguous row per column
+    levels = grid.levels.float()
+    midpoints = ((levels[1:] + levels[:-1]) / 2).contiguous()
+    codes = torch.empty(in_features, out_features, dtype=torch.int64, device=W.device)  # transposed while filled
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
-        errors = torch.empty(out_features, stop - start, dtype=torch.float32, device=W.device)
+        errors = torch.empty(stop - start, out_features, dtype=torch.float32, device=W.device)  # (block, out)
         for j in range(start, stop):
-            column = work[:, j]
-            codes[:, j] = _nearest(column / scales[:, j], levels)
-            error = (column - levels[codes[:, j]] * scales[:, j]) / U[j, j]  # (out,)
-            work[:, j:stop].sub_(error[:, None] * U[j, j:stop][None, :])
-            errors[:, j - start] = error
-        work[:, stop:].sub_(errors @ U[start:stop, stop:])
+            column, step = work[:, j], steps_by_column[j]
+            torch.bucketize(column / step, midpoints, out=codes[j])
+            error = errors[j - start]
+            torch.sub(column, levels[codes[j]] * step, out=error).div_(diagonal[j])  # (out,)
+            work[:, j + 1:stop].sub_(error[:, None] * U[j, j + 1:stop][None, :])
+        work[:, stop:].sub_(errors.T.contiguous() @ U[start:stop, stop:])  # (out, block) as GPTQ's lazy batch
+    codes = codes.T
     result = torch.empty_like(codes)
     result[:, order] = codes
     return result

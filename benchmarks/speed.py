@@ -1,0 +1,137 @@
+"""How close a conversion comes to the work it cannot avoid: its wall time over a bare forward pass.
+
+For each --variant (extra CLI options; "" = the defaults) the quailora-convert console script converts
+--model as a user runs it, in its own process, and the bundle report's per-phase seconds are read back.
+The reference is a bare full-precision (float32) forward pass of the same model over the same
+calibration tokens (the library's own draw: read_texts, sample_token_sequences, make_batches with the
+conversion's settings), on the same device, in its own process, under torch.no_grad(), timed after a
+warm-up batch: the decoder only (model.model: what a conversion runs) and, for reference, with the
+output head. Forward passes are timed before the first and after the last conversion; the median is
+the denominator.
+
+    ratio = conversion wall seconds (process start to exit) / decoder forward seconds
+
+    python benchmarks/speed.py --json /tmp/speed.json                       # SmolLM2, CPU, defaults
+    python benchmarks/speed.py --variant "" --variant "--rounding nearest --refine 0"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
+DEFAULT_CALIB = SHARED / "data" / "calib" / "self_instruct_alpaca.jsonl"
+
+
+def forward_child(args) -> None:
+    """In a child process: seconds of the bare float32 forward over the calibration tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quailora_convert.calibration.batches import make_batches, pad_token_id, sample_token_sequences
+    from quailora_convert.calibration.texts import read_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    texts = read_texts(str(args.calib), max_records=2 * args.num_samples, seed=args.seed)
+    sequences = sample_token_sequences(texts, tokenizer, args.num_samples, args.seq_len, args.seed)
+    batches = make_batches(sequences, args.batch_size, pad_token_id(tokenizer))
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    model.eval()
+    result = {"tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+              "padded_tokens": int(sum(b.input_ids.numel() for b in batches))}
+    with torch.no_grad():
+        for name, run in (("decoder", model.model), ("with_head", model)):
+            first = batches[0]
+            run(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device), use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for b in batches:
+                run(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result[f"{name}_seconds"] = time.perf_counter() - started
+    print(json.dumps(result))
+
+
+def time_forward(args) -> dict:
+    command = [sys.executable, __file__, "--forward-child", "--model", str(args.model), "--calib", str(args.calib),
+               "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
+               "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"forward timing failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_conversion(args, variant: str, out: Path) -> dict:
+    command = ["quailora-convert", str(args.model), "--calib", str(args.calib), "--out", str(out), "--overwrite",
+               "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
+               "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
+               *shlex.split(variant)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    report = json.loads((out / "quailora_report.json").read_text())
+    return {"variant": variant or "(defaults)", "wall_seconds": wall, "report_total_seconds":
+            report["timings"]["total_seconds"], "phase_seconds": report["timings"]["phase_seconds"],
+            "tokens": report["calibration"]["tokens"], "relative_error_after": report["summary"]["relative_error_after"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_SOURCE)
+    p.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
+    p.add_argument("--variant", action="append", help='extra quailora-convert options; "" = defaults (repeatable)')
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--forward-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.forward_child:
+        forward_child(args)
+        return 0
+    if not args.calib.is_file():
+        raise SystemExit(f"{args.calib}: calibration file not found (it lives in the workplace's ../shared)")
+    variants = args.variant if args.variant is not None else [""]
+    forwards = [time_forward(args)]
+    conversions = []
+    with tempfile.TemporaryDirectory(prefix="quailora-speed-") as tmp:
+        for i, variant in enumerate(variants):
+            conversions.append(time_conversion(args, variant, Path(tmp) / f"bundle{i}"))
+            print(json.dumps(conversions[-1]), flush=True)
+    forwards.append(time_forward(args))
+    decoder = statistics.median(f["decoder_seconds"] for f in forwards)
+    with_head = statistics.median(f["with_head_seconds"] for f in forwards)
+    print(f"bare float32 forward over {forwards[0]['tokens']} tokens: decoder {decoder:.1f} s "
+          f"({[round(f['decoder_seconds'], 1) for f in forwards]}), with head {with_head:.1f} s")
+    phases = list(conversions[0]["phase_seconds"])
+    print("| variant | wall s | ratio to forward | " + " | ".join(phases) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in phases) + " |")
+    for c in conversions:
+        c["ratio"] = c["wall_seconds"] / decoder
+        print(f"| {c['variant']} | {c['wall_seconds']:.0f} | {c['ratio']:.2f} | "
+              + " | ".join(f"{c['phase_seconds'][k]:.1f}" for k in phases) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"forwards": forwards, "decoder_seconds": decoder,
+                                         "with_head_seconds": with_head, "conversions": conversions}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
