@@ -128,8 +128,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, devi
                                                                                 for f in ("lora_A", "lora_B")]))
         _copy_outside_layers(writer, reader, key_map, layers_path)
         state = {"fingerprint": prints, "layers": len(layers), "next_layer": 0, "reports": [], "stored_dtypes": [],
-                 "layer_seconds": [], "calibration_seconds": time.perf_counter() - started,
-                 "phase_seconds": timer.seconds}
+                 "layer_seconds": [], "calibration_seconds": time.perf_counter() - started}
         _commit(work, state, writer, hidden, timer)
     else:
         writer = BundleWriter(work.bundle, s.max_shard_bytes, 0, state=state["bundle"])
@@ -154,7 +153,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, devi
 def _commit(work: WorkFolder, state: dict, writer: BundleWriter, hidden: list[torch.Tensor], timer: PhaseTimer) -> None:
     with timer.phase("write"):
         writer.sync()
-        state["phase_seconds"] = dict(timer.seconds)  # includes this commit's wait only up to here
+        state["phase_seconds"] = dict(timer.seconds)  # every commit records them; this commit's own write is not in yet
         work.commit(state, writer.state(), hidden)
 
 

@@ -71,7 +71,7 @@ def gptq_codes(W: Tensor, factor: GptqFactor, grid: CodeGrid, block: int = GPTQ_
     work = W.float()[:, order].clone()  # (out, in), columns in processing order
     steps_by_column = grid.step()[:, order].float().T.contiguous()  # (in, out): one contiguous row per column
     levels = grid.levels.float()
-    midpoints = ((levels[1:] + levels[:-1]) / 2).contiguous()
+    midpoints = _midpoints(levels)
     codes = torch.empty(in_features, out_features, dtype=torch.int64, device=W.device)  # transposed while filled
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
@@ -91,8 +91,12 @@ def gptq_codes(W: Tensor, factor: GptqFactor, grid: CodeGrid, block: int = GPTQ_
 
 def _nearest(normalized: Tensor, levels: Tensor) -> Tensor:
     """Index of the nearest level (ascending levels) for every entry; ties go to the lower level."""
-    midpoints = (levels[1:] + levels[:-1]) / 2  # (k-1,)
-    return torch.bucketize(normalized.contiguous(), midpoints, right=False)
+    return torch.bucketize(normalized.contiguous(), _midpoints(levels), right=False)
+
+
+def _midpoints(levels: Tensor) -> Tensor:
+    """(k-1,) the boundaries between ascending levels: a value rounds to the level whose cell holds it."""
+    return ((levels[1:] + levels[:-1]) / 2).contiguous()
 
 
 def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:

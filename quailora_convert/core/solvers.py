@@ -61,19 +61,18 @@ class HessianFactor:
 def factor_hessian(H: Tensor, in_features: int, damp: float = DEFAULT_DAMP) -> HessianFactor:
     """Cholesky of H with damp * mean eigenvalue on the diagonal; the ridge grows tenfold (at most
     RIDGE_RETRIES times) while float32 rounding leaves H numerically indefinite."""
-    H64 = _checked_hessian(H, in_features)
-    mean = torch.diagonal(H64).mean()  # = the mean eigenvalue
+    _check_hessian(H, in_features)
+    mean = torch.diagonal(H).double().mean()  # = the mean eigenvalue
     if not mean > 0:
         raise FloatingPointError("H is zero: the calibration data never reached this layer")
     ridge = damp
-    info = torch.zeros((), dtype=torch.int32, device=H64.device)
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
     for _ in range(RIDGE_RETRIES + 1):
-        L = H64.clone() if H64 is H else H64  # the float64 copy is factored in place: one (in, in) buffer
+        L = H.to(torch.float64, copy=True)  # factored in place: one (in, in) float64 buffer
         L.diagonal().add_(ridge * mean)
         torch.linalg.cholesky_ex(L, out=(L, info))
         if int(info) == 0:
             return HessianFactor(L, ridge)
-        H64 = _checked_hessian(H, in_features)
         ridge *= 10
     raise FloatingPointError(f"H is not positive definite even with {ridge / 10:g} x its mean eigenvalue added")
 
@@ -186,8 +185,12 @@ def _checked(E: Tensor, rank: int) -> Tensor:
 
 
 def _checked_hessian(H: Tensor, in_features: int) -> Tensor:
+    _check_hessian(H, in_features)
+    return H.double()
+
+
+def _check_hessian(H: Tensor, in_features: int) -> None:
     if H.shape != (in_features, in_features):
         raise ValueError(f"H must be ({in_features}, {in_features}), got {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise FloatingPointError("H has non-finite values: the calibration activations overflowed")
-    return H.double()
