@@ -14,7 +14,7 @@ from quailora_cli import inspect_bundle as _inspect_commands  # noqa: F401  regi
 from quailora_cli import publish as _publish_commands  # noqa: F401  registers `push-to-hub`
 from quailora_cli.app import app
 from quailora_convert.errors import Interrupted, QuailoraError
-from quailora_convert.stopping import StopRequested
+from quailora_convert.stopping import StopRequested, stop_behind
 
 ERROR_MESSAGES: list[tuple[type[BaseException], str]] = [
     (QuailoraError, "{error}"),
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("interrupted", err=True)
         raise SystemExit(stop.exit_code) from None
     except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
+        stop = stop_behind(error)  # a stop signal that code it interrupted turned into its own error
+        if isinstance(stop, StopRequested):
+            typer.echo("interrupted", err=True)
+            raise SystemExit(stop.exit_code) from None
         _fail(error)
 
 

@@ -27,14 +27,32 @@ class StopRequested(BaseException):
         return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
-_state = {"critical": 0, "pending": None, "installed": False}
+_state = {"critical": 0, "pending": None, "installed": False, "raised": None}
 
 
 def _handler(signum, frame) -> None:
     if _state["critical"]:
         _state["pending"] = signum
         return
+    _raise_stop(signum)
+
+
+def _raise_stop(signum: int) -> None:
+    _state["raised"] = signum
     raise StopRequested(signum)
+
+
+def stop_behind(error: BaseException) -> BaseException:
+    """The stop a signal requested, when the code it interrupted replaced StopRequested with an error of
+    its own; else error itself. The handler runs inside whatever Python frame is current, and C code
+    that calls back into Python can swallow what it raises: torch, converting a storage safetensors
+    hands it, turns it into "ValueError: could not determine the shape of object type ...".
+    """
+    if isinstance(error, StopRequested) or _state["raised"] is None:
+        return error
+    stop = StopRequested(_state["raised"])
+    stop.__context__ = error
+    return stop
 
 
 @contextmanager
@@ -42,6 +60,7 @@ def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGINT raise StopRequested in this block (main thread only)."""
     previous = {s: signal.signal(s, _handler) for s in STOP_SIGNALS}
     _state["installed"] = True
+    _state["raised"] = None
     try:
         yield
     finally:
@@ -69,4 +88,4 @@ def critical(finishes: bool = False) -> Iterator[None]:
     if not _state["critical"] and _state["pending"] is not None:
         pending, _state["pending"] = _state["pending"], None
         if _state["installed"] and not finishes:
-            raise StopRequested(pending)
+            _raise_stop(pending)

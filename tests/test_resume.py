@@ -196,3 +196,28 @@ def test_stop_signals_outside_the_layer_loop_and_held_back_ones():
                 time.sleep(0.05)
                 raise OSError("disk full")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stop_that_c_code_turned_into_its_own_error_is_still_the_stop():
+    """The handler raises in whatever frame is current; torch, converting a storage for safetensors, replaces
+    that with "ValueError: could not determine the shape of object type 'torch.storage.UntypedStorage'"."""
+    from quailora_convert.stopping import StopRequested, stop_behind, stop_on_signals
+
+    def converting_code():  # stands for C code calling back into Python and then raising its own error
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler raises StopRequested here
+        except StopRequested:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        pytest.fail("the handler must have raised")
+
+    with stop_on_signals():
+        error = ValueError("an ordinary error, before any signal")
+        assert stop_behind(error) is error
+        with pytest.raises(ValueError) as converted:
+            converting_code()
+        stop = stop_behind(converted.value)
+        assert isinstance(stop, StopRequested) and stop.exit_code == 143
+        assert stop.__context__ is converted.value
+    with stop_on_signals():  # a new run starts with no stop on record
+        assert stop_behind(error) is error

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import BadInputError, Interrupted, ResumeRefused
 from ..events import Listener, Status
-from ..stopping import StopRequested
+from ..stopping import StopRequested, stop_behind
 from .settings import ConvertSettings
 from .work_folder import WorkFolder, differences
 
@@ -37,7 +37,9 @@ def take_over(work: WorkFolder, s: ConvertSettings, on_event: Listener) -> dict 
 
 
 def leave(work: WorkFolder, error: BaseException) -> None:
-    """After a failure: keep a resume point (and say so), else remove the work folder; always unlock."""
+    """After a failure: keep a resume point (and say so), else remove the work folder; always unlock.
+    An error that a stop signal turned into (stopping.stop_behind) counts as that stop."""
+    error = stop_behind(error)
     try:
         state = work.read_state()
     except BadInputError:  # unreadable or from another version: the message said --overwrite discards it
