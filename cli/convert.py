@@ -1,6 +1,7 @@
 """`quailora-convert [convert] MODEL ...`: the conversion command. Defaults come from ConvertSettings."""
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
@@ -92,8 +93,16 @@ def convert(
         print_plan(settings, as_json, choose_mode(quiet or as_json))
         return
     evaluation = dict(data=eval_data, num_samples=eval_num_samples, seq_len=eval_seq_len) if with_eval else None
+    if another_rank():  # torchrun: rank 0 reports and evaluates; the others share the conversion silently
+        convert_then_eval(settings, choose_mode(True), None)
+        return
     path = convert_then_eval(settings, choose_mode(quiet), evaluation)
     typer.echo(str(path) if quiet else f"bundle written to {path}")
+
+
+def another_rank() -> bool:
+    """Started by torchrun as a rank other than 0."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0
 
 
 def convert_then_eval(settings: ConvertSettings, mode: str, evaluation: dict | None = None) -> Path:

@@ -13,7 +13,7 @@ from quailora_cli import evaluate as _evaluate_commands  # noqa: F401  registers
 from quailora_cli import inspect_bundle as _inspect_commands  # noqa: F401  registers `inspect`
 from quailora_cli import publish as _publish_commands  # noqa: F401  registers `push-to-hub`
 from quailora_cli.app import app
-from quailora_convert.errors import Interrupted, QuailoraError
+from quailora_convert.errors import Interrupted, PeerFailed, QuailoraError, is_quiet_rank
 from quailora_convert.stopping import StopRequested, stop_behind
 
 ERROR_MESSAGES: list[tuple[type[BaseException], str]] = [
@@ -32,7 +32,16 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "convert")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        app(args=argv, prog_name="quailora-convert")  # usage errors: click's message, exit 2
+        try:
+            app(args=argv, prog_name="quailora-convert")  # usage errors: click's message, exit 2
+        except BaseException as error:  # torchrun: a rank other than 0 whose failure rank 0 reports says nothing
+            if is_quiet_rank(error):
+                raise SystemExit(_exit_code(error)) from None
+            raise
+    except PeerFailed as failed:  # rank 0 of a torchrun: another rank failed
+        notes = "".join(f"; {note}" for note in getattr(failed, "__notes__", []))  # where the finished layers are
+        typer.echo(f"error: {failed}{notes}", err=True)
+        raise SystemExit(failed.exit_code) from None
     except Interrupted as stop:  # SIGTERM / SIGINT: the run stopped at a resume point
         typer.echo(str(stop), err=True)
         raise SystemExit(stop.exit_code) from None
@@ -48,6 +57,13 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo("interrupted", err=True)
             raise SystemExit(stop.exit_code) from None
         _fail(error)
+
+
+def _exit_code(error: BaseException) -> int:
+    stop = stop_behind(error)
+    if isinstance(stop, (StopRequested, Interrupted, PeerFailed)):
+        return stop.exit_code
+    return 2 if isinstance(error, QuailoraError) else 1
 
 
 def _fail(error: BaseException) -> None:

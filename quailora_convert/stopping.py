@@ -89,3 +89,15 @@ def critical(finishes: bool = False) -> Iterator[None]:
         pending, _state["pending"] = _state["pending"], None
         if _state["installed"] and not finishes:
             _raise_stop(pending)
+
+
+def take_held_signal() -> int | None:
+    """The stop signal held back by the critical() sections around this point, if any, now forgotten (the
+    caller stops by it: several processes agree first on when, see convert.ranks)."""
+    pending, _state["pending"] = _state["pending"], None
+    return pending if _state["installed"] else None
+
+
+def stop_now(signum: int) -> None:
+    """Raise StopRequested for signum as the signal handler would have."""
+    _raise_stop(signum)

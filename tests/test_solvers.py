@@ -168,3 +168,37 @@ def test_cheap_weight_space_baseline_is_a_projection_that_never_hurts():
     residual = float(((E - cheap) ** 2).sum())
     assert best * (1 - 1e-12) <= residual <= best * 1.1
     assert calibrated_error(E - cheap, H) <= calibrated_error(E, H)
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48), (600, 300)])
+def test_the_exact_solve_reports_the_calibrated_errors_it_got_for_free(shape):
+    """solve_factored's (tr(E H E^T), tr((E - M) H (E - M)^T)) from E L equal the direct products, also
+    with a grown ridge and on the randomized path (600 x 300 at rank 16)."""
+    E, H = _problem(*shape, tokens=500, seed=3)
+    for damp in (0.01, 1.0):
+        factor = factor_hessian(H, shape[1], damp)
+        M = solve_factored(E, factor, 16)
+        before, after = M.calibrated
+        assert before == pytest.approx(calibrated_error(E, H), rel=1e-9)
+        assert after == pytest.approx(calibrated_error(E - M.matrix(), H), rel=1e-9)
+        assert 0 < after < before
+
+
+def test_small_matrices_top_r_from_the_gram_matrix_match_the_svd():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((300, 120), (120, 300)):
+        A = torch.randn(*shape, generator=g, dtype=torch.float64)
+        U, S, Vh = top_singular(A, 16)
+        U_full, S_full, Vh_full = torch.linalg.svd(A, full_matrices=False)
+        assert torch.allclose(S, S_full[:16], rtol=1e-12)
+        assert torch.allclose((U * S) @ Vh, (U_full[:, :16] * S_full[:16]) @ Vh_full[:16], atol=1e-10)
+        assert torch.allclose(U.T @ U, torch.eye(16, dtype=torch.float64), atol=1e-10)
+
+
+def test_the_reports_baseline_error_equals_the_direct_product():
+    from quailora_convert.convert.report import BASELINE_POWER, _baseline_error
+
+    for shape in ((640, 800), (48, 96)):  # the randomized path, the exact one
+        E, H = _problem(*shape, seed=21)
+        direct = calibrated_error(E - svd_init(E, 16, BASELINE_POWER, False).matrix(), H)
+        assert _baseline_error(E, 16, H, calibrated_error(E, H)) == pytest.approx(direct, rel=1e-9)

@@ -6,6 +6,7 @@ decoder layer, so never more than one layer's full-precision weights are in memo
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -19,11 +20,23 @@ from ..core.quantize import Quantizer
 from ..core.rounding import GptqFactor, gptq_factor
 from ..core.solvers import HessianFactor, factor_hessian, solve, solve_factored
 from ..sources.checkpoint import CheckpointReader, KeyMap, materialize, release
+from .allocator import heap_for_forward
 from .architectures import linear_modules, weight_matrix
 from .capture import CALIBRATION_DTYPE, InputHessians, LayerCall, accumulate_hessians
 from .phases import PhaseTimer
+from .ranks import Ranks
 from .report import ModuleReport, module_report
 from .settings import ConvertSettings
+
+
+@dataclass
+class LinearResult:
+    """What one linear of a layer adds to the bundle: its base tensors, and for a target its adapter and report."""
+
+    base: dict[str, Tensor]  # suffix ("weight", "weight.absmax", ...) -> tensor
+    lora_A: Tensor | None = None
+    lora_B: Tensor | None = None
+    report: ModuleReport | None = None
 
 
 @dataclass
@@ -32,45 +45,98 @@ class LayerConverter:
     quantizer: Quantizer
     reader: CheckpointReader
     key_map: KeyMap
-    writer: BundleWriter
-    batches: list[CalibrationBatch]
+    writer: BundleWriter | None  # rank 0's; None on the other ranks
+    batches: list[CalibrationBatch]  # this rank's share
     device: torch.device
     timer: PhaseTimer
     stored_dtypes: set[torch.dtype] = field(default_factory=set)  # of the decoder weights in the checkpoint
+    ranks: Ranks = field(default_factory=Ranks)
 
     def convert(self, prefix: str, layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
                 calls: list[LayerCall]) -> list[ModuleReport]:
-        """Convert the decoder layer at prefix ("model.layers.3."); hidden advances to its outputs."""
-        with self.timer.phase("read"):
-            stored = materialize(layer, prefix, self.reader, self.key_map, self.device, CALIBRATION_DTYPE)
-        self.stored_dtypes.update(stored.values())
-        with self.timer.phase("forward"):
-            hessians = accumulate_hessians(layer, targets, hidden, calls, self.batches, self.device, self.timer)
+        """Convert the decoder layer at prefix ("model.layers.3."); hidden advances to its outputs.
+        With several ranks every rank calls it; rank 0 writes and returns the reports, the others return []."""
+        ranks = self.ranks
+        stored = ranks.together(lambda: self._read(prefix, layer))
+        hessians = ranks.together(lambda: self._forward(layer, targets, hidden, calls))
         linears = linear_modules(layer)
-        groups: dict[str, GroupFactors] = {}  # input group leader -> its H's factorisations
-        reports = []
-        for name, module in linears.items():
-            report = self._convert_linear(prefix, name, module, stored[f"{name}.weight"], hessians, groups,
-                                          name in targets)
-            if report is not None:
-                reports.append(report)
-        self._copy_extras(prefix, layer, linears)
+        owner = self._share_hessians(hessians, linears, targets)
+        mine = ranks.together(lambda: self._convert_mine(prefix, linears, stored, hessians, owner, targets))
+        results: dict[str, LinearResult] = {}
+        for part in ranks.gather(mine) or []:
+            results.update(part)
+        reports = ranks.together(lambda: self._write(prefix, layer, linears, results) if ranks.main else [])
         release(layer)
         self.reader.release()
         return reports
 
+    def _read(self, prefix: str, layer: nn.Module) -> dict[str, torch.dtype]:
+        with self.timer.phase("read"):
+            stored = materialize(layer, prefix, self.reader, self.key_map, self.device, CALIBRATION_DTYPE)
+        self.stored_dtypes.update(stored.values())
+        return stored
+
+    def _forward(self, layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
+                 calls: list[LayerCall]) -> InputHessians:
+        with self.timer.phase("forward"), heap_for_forward():
+            return accumulate_hessians(layer, targets, hidden, calls, self.batches, self.device, self.timer)
+
+    def _share_hessians(self, hessians: InputHessians, linears: dict[str, nn.Module],
+                        targets: dict[str, nn.Module]) -> dict[str, int]:
+        """Each input group's owner rank (by solve cost), holding its H summed over the ranks; every
+        rank's token counts summed. A world of one owns everything and moves nothing."""
+        ranks = self.ranks
+        leaders = list(hessians.sums)  # the hooks' order: the same on every rank
+        costs = []
+        for leader in leaders:
+            n = hessians.sums[leader].sum.shape[0]
+            members = [weight_matrix(linears[name]).shape[0] for name in targets if hessians.leader.get(name) == leader]
+            costs.append(float(n) ** 3 + sum(out * float(n) ** 2 for out in members))
+        owner = dict(zip(leaders, ranks.owners(costs)))
+        if ranks.size > 1 and leaders:
+            with self.timer.phase("hessian"):
+                for leader in leaders:
+                    ranks.reduce_sum(hessians.sums[leader].sum, owner[leader])
+                totals = ranks.all_sum([hessians.sums[leader].tokens for leader in leaders])
+            for leader, tokens in zip(leaders, totals):
+                hessians.sums[leader].tokens = tokens
+        return owner
+
+    def _convert_mine(self, prefix: str, linears: dict[str, nn.Module], stored: dict[str, torch.dtype],
+                      hessians: InputHessians, owner: dict[str, int], targets: dict[str, nn.Module],
+                      ) -> dict[str, LinearResult]:
+        """This rank's share of the layer's linears: the targets of the input groups it owns, and on
+        rank 0 the linears that are not targeted (quantized only)."""
+        mine = {}  # name -> targeted
+        for name in linears:
+            targeted = name in targets
+            if targeted and name not in hessians.leader:
+                raise RuntimeError(f"{prefix}{name} was never called during calibration; exclude it with "
+                                   "--target-modules")
+            if (owner[hessians.leader[name]] if targeted else 0) == self.ranks.rank:
+                mine[name] = targeted
+        left = Counter(hessians.leader[name] for name, targeted in mine.items() if targeted)  # modules per group
+        groups: dict[str, GroupFactors] = {}  # input group leader -> its H's factorisations
+        results = {}
+        for name, targeted in mine.items():
+            results[name] = self._convert_linear(prefix, name, linears[name], stored[f"{name}.weight"], hessians,
+                                                 groups, targeted)
+            if targeted:
+                leader = hessians.leader[name]
+                left[leader] -= 1
+                if not left[leader]:  # the group's last module: its H and factors go (3 x in^2 floats at 70B)
+                    groups.pop(leader, None)
+                    hessians.sums.pop(leader, None)
+        return results
+
     def _convert_linear(self, prefix: str, name: str, module: nn.Module, stored_dtype: torch.dtype,
-                        hessians: InputHessians, groups: dict[str, GroupFactors], targeted: bool) -> ModuleReport | None:
-        """Quantize and write one linear; for a target also solve, write its adapter and report it."""
+                        hessians: InputHessians, groups: dict[str, GroupFactors], targeted: bool) -> LinearResult:
+        """Quantize one linear; for a target also solve its correction and report it."""
         path = f"{prefix}{name}"
         W = weight_matrix(module).detach()  # (out, in) float32, exact copy of the stored values
         if not targeted:
             with self.timer.phase("quantize"):
-                tensors = self.quantizer.quantize(W.to(stored_dtype)).tensors
-            self._add_base(path, tensors)
-            return None
-        if name not in hessians.leader:
-            raise RuntimeError(f"{path} was never called during calibration; exclude it with --target-modules")
+                return LinearResult(self.quantizer.quantize(W.to(stored_dtype)).tensors)
         s = self.settings
         leader = hessians.leader[name]
         if leader not in groups:
@@ -80,18 +146,27 @@ class LayerConverter:
             result = compensate(s, self.quantizer, W, stored_dtype, group, self.timer)
         except FloatingPointError as e:
             raise FloatingPointError(f"{path}: {e}") from e
-        self._add_base(path, result.quantized.tensors)
-        lora_A, lora_B = to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
-        with self.timer.phase("write"):
-            self.writer.add_adapter_tensor(adapter_key(path, "lora_A"), lora_A)
-            self.writer.add_adapter_tensor(adapter_key(path, "lora_B"), lora_B)
+        lora_A, lora_B = (factor.cpu() for factor in  # what rank 0 gathers and writes: host tensors
+                          to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora)))
         with self.timer.phase("solve"):
-            return module_report(path, f"{prefix}{leader}", result, group.H)
+            report = module_report(path, f"{prefix}{leader}", result, group.H)
+        return LinearResult(result.quantized.tensors, lora_A, lora_B, report)
 
-    def _add_base(self, path: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _write(self, prefix: str, layer: nn.Module, linears: dict[str, nn.Module],
+               results: dict[str, LinearResult]) -> list[ModuleReport]:
+        """Rank 0: every linear's tensors in the layer's order, then the layer's other tensors."""
+        reports = []
         with self.timer.phase("write"):
-            for suffix, tensor in tensors.items():
-                self.writer.add_base_tensor(f"{path}.{suffix}", tensor)
+            for name in linears:
+                result = results[name]
+                for suffix, tensor in result.base.items():
+                    self.writer.add_base_tensor(f"{prefix}{name}.{suffix}", tensor)
+                if result.report is not None:
+                    self.writer.add_adapter_tensor(adapter_key(f"{prefix}{name}", "lora_A"), result.lora_A)
+                    self.writer.add_adapter_tensor(adapter_key(f"{prefix}{name}", "lora_B"), result.lora_B)
+                    reports.append(result.report)
+        self._copy_extras(prefix, layer, linears)
+        return reports
 
     def _copy_extras(self, prefix: str, layer: nn.Module, linears: dict[str, nn.Module]) -> None:
         """Norms, biases and persistent buffers of the layer (all but its linears' weights), copied as stored."""

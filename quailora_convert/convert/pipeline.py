@@ -4,7 +4,8 @@
 every batch (every layer's call arguments) -> per decoder layer (LayerConverter): materialise,
 full-precision forward with H hooks, quantize, solve, write -> a resume point -> configs, tokenizer,
 report, card -> the bundle renamed into place. Never more than one decoder layer's full-precision
-weights are materialised; calibration activations live on the CPU.
+weights are materialised; calibration activations live on the CPU. Under torchrun every rank runs this
+loop on its share of the batches and rank 0 alone writes (convert.ranks).
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ from ..calibration.batches import CalibrationBatch, make_batches, pad_token_id, 
 from ..calibration.texts import read_texts
 from ..core.lora import adapter_key, peft_target_modules, rank_patterns
 from ..core.quantize import Quantizer, quantizer_for
+from ..errors import BadInputError
 from ..events import Calibrated, ConversionDone, LayerConverted, Listener, SourceResolved, Status, TextGenerated, ignore
 from ..model_card import render_model_card
 from ..sources.checkpoint import CheckpointReader, KeyMap, transformers_renaming
 from ..sources.resolve import ModelSource, open_model
+from .allocator import heap_for_forward
 from .architectures import find_decoder_layers, layer_targets, linear_modules, weight_matrix
 from .capture import capture_layer_calls
 from .layer import LayerConverter
@@ -39,6 +42,7 @@ from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
 from .preflight import check_disk, check_rank
 from .resume import check_fingerprint, leave, refuse_existing_out, take_over
+from .ranks import Ranks, join_ranks
 from .skeleton import build_skeleton, front_materialized
 from .work_folder import WorkFolder, fingerprint
 
@@ -48,27 +52,48 @@ def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: M
 
     opened: settings.model already opened (open_source; its temporary folders stay the caller's to
     remove), e.g. to share one dequantized GGUF copy between convert and a following evaluate.
+    Started by torchrun (WORLD_SIZE > 1), every rank calls it and shares the work (convert.ranks); only
+    rank 0 writes, and only its on_event hears of progress.
     """
     settings.validate()
-    device = resolve_device(settings.device)
-    quantizer = quantizer_for(settings.bits)
-    refuse_existing_out(settings)
-    work = WorkFolder(settings.out)
-    work.acquire()  # one writer per --out, before anything is read
+    ranks = join_ranks(resolve_device(settings.device))
     try:
-        refuse_existing_out(settings)  # again under the lock: a run that held it may have just finished
-        state = take_over(work, settings, on_event)
+        with ranks.held_signals():
+            return _convert_as(ranks, settings, on_event if ranks.main else ignore, opened)
+    finally:
+        ranks.close()
+
+
+def _convert_as(ranks: Ranks, settings: ConvertSettings, on_event: Listener, opened: ModelSource | None) -> Path:
+    quantizer = quantizer_for(settings.bits)
+    work = WorkFolder(settings.out)
+    ranks.together(lambda: _lock(work, settings) if ranks.main else None)  # one writer per --out, before any read
+    try:
+        # again under the lock (a run that held it may have just finished), then the state to continue, if any
+        state = ranks.from_main(ranks.together(lambda: _take_over(work, settings, on_event) if ranks.main else None))
         with ExitStack() as stack:
-            source = opened if opened is not None else stack.enter_context(open_source(settings, on_event))
+            source = ranks.together(lambda: opened if opened is not None
+                                    else stack.enter_context(open_source(settings, on_event)))
             started = time.perf_counter() - source.open_seconds  # opening the source counts, whoever opened it
             on_event(SourceResolved(source.folder, source.repo_id, source.commit, source.gguf))
-            report = _convert(settings, source, quantizer, device, on_event, started, work, state)
-        out = work.publish(settings.overwrite)
+            report = _convert(settings, source, quantizer, ranks, on_event, started, work, state)
+        out = ranks.together(lambda: work.publish(settings.overwrite) if ranks.main else work.out)
     except BaseException as error:
-        leave(work, error)
+        if ranks.main:
+            leave(work, error)
         raise
     on_event(ConversionDone(out, report))
     return out
+
+
+def _lock(work: WorkFolder, settings: ConvertSettings) -> None:
+    refuse_existing_out(settings)
+    work.acquire()
+
+
+def _take_over(work: WorkFolder, settings: ConvertSettings, on_event: Listener) -> dict | None:
+    refuse_existing_out(settings)
+    return take_over(work, settings, on_event)
 
 
 def dry_run(settings: ConvertSettings, on_event: Listener = ignore, *, process_started: float | None = None) -> Plan:
@@ -101,8 +126,77 @@ def open_source(settings: ConvertSettings, on_event: Listener = ignore,
                       lambda message: on_event(Status(message)), metadata_only=metadata_only)
 
 
-def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, device: torch.device, on_event: Listener,
+def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, ranks: Ranks, on_event: Listener,
              started: float, work: WorkFolder, state: dict | None) -> dict:
+    device = ranks.device
+    model, tokenizer, layers_path, layers, targets, shapes, reader, key_map = ranks.together(
+        lambda: _open_skeleton(s, source, device, on_event))
+    prints = fingerprint(asdict(s), source.folder, source.repo_id, source.commit, source.gguf, device)
+    if ranks.size > 1:
+        prints["world_size"] = ranks.size  # a rank's share of the batches and activations depends on it
+
+    def calibration() -> list[CalibrationBatch]:  # rank 0: read, or sample and record, the token batches
+        if state is not None:
+            check_fingerprint(state, prints, work)
+            return work.load_calibration()
+        batches = _calibration_batches(s, tokenizer, source.folder, device, on_event)
+        if len(batches) < ranks.size:
+            raise BadInputError(f"{len(batches)} calibration batches for {ranks.size} processes: every process "
+                                "needs one; raise --num-samples or lower --batch-size")
+        check_disk(s, model, layers_path, quantizer, shapes, source.folder, batches, work)
+        work.save_calibration(batches)
+        return batches
+
+    batches = ranks.from_main(ranks.together(lambda: calibration() if ranks.main else None))
+    mine = [batches[b] for b in ranks.share(len(batches))]  # this rank's share
+
+    on_event(Status("capturing calibration activations"))
+    timer = PhaseTimer(device, state.get("phase_seconds") if state is not None else None)
+
+    def capture():
+        with front_materialized(model, layers_path, reader, key_map, device), timer.phase("forward"), \
+                heap_for_forward():
+            return capture_layer_calls(model, layers, mine, device)
+
+    hidden, calls = ranks.together(capture)
+    writer = None
+    if state is None:
+        def start_bundle() -> BundleWriter | None:
+            if not ranks.main:
+                return None
+            started_writer = BundleWriter(work.bundle, s.max_shard_bytes, header_bytes_for(
+                [adapter_key(p, f) for p in shapes for f in ("lora_A", "lora_B")]))
+            _copy_outside_layers(started_writer, reader, key_map, layers_path)
+            return started_writer
+
+        writer = ranks.together(start_bundle)
+        state = {"fingerprint": prints, "layers": len(layers), "next_layer": 0, "reports": [], "stored_dtypes": [],
+                 "layer_seconds": [], "calibration_seconds": time.perf_counter() - started,
+                 "ranks": ranks.gather(_share_counts(ranks.rank, mine))}
+        _commit(ranks, work, state, writer, hidden, timer)
+    else:
+        writer = ranks.together(lambda: BundleWriter(work.bundle, s.max_shard_bytes, 0, state=state["bundle"])
+                                if ranks.main else None)
+        del hidden
+        hidden = ranks.together(lambda: work.load_activations(state, ranks.rank, ranks.size))
+    on_event(Calibrated(sum(len(b.input_ids) for b in batches), state["calibration_seconds"]))
+
+    converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
+                               {getattr(torch, name) for name in state["stored_dtypes"]}, ranks)
+    for index in range(state["next_layer"], len(layers)):
+        layer_started = time.perf_counter()
+        reports = converter.convert(f"{layers_path}.{index}.", layers[index], targets[index], hidden, calls[index])
+        state["layer_seconds"].append(time.perf_counter() - layer_started)
+        state.update(next_layer=index + 1, reports=state["reports"] + [asdict(r) for r in reports],
+                     stored_dtypes=sorted(str(d).removeprefix("torch.") for d in converter.stored_dtypes))
+        _commit(ranks, work, state, writer, hidden, timer)
+        on_event(LayerConverted(index, len(layers), state["layer_seconds"][-1]))
+    opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
+    return ranks.together(lambda: _finish(s, source, quantizer, writer, opened, batches, state,
+                                          converter.stored_dtypes, started) if ranks.main else {})
+
+
+def _open_skeleton(s: ConvertSettings, source: ModelSource, device: torch.device, on_event: Listener) -> tuple:
     model, tokenizer = build_skeleton(source.folder, device, s.trust_remote_code)
     layers_path, layers = find_decoder_layers(model)
     targets = layer_targets(layers, layers_path, s.target_modules)
@@ -110,51 +204,32 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, devi
     check_rank(s, shapes, on_event)
     reader = CheckpointReader(source.folder)
     key_map = KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix, transformers_renaming(model))
-    prints = fingerprint(asdict(s), source.folder, source.repo_id, source.commit, source.gguf, device)
-    if state is not None:
-        check_fingerprint(state, prints, work)
-        batches = work.load_calibration()
-    else:
-        batches = _calibration_batches(s, tokenizer, source.folder, device, on_event)
-        check_disk(s, model, layers_path, quantizer, shapes, source.folder, batches, work)
-        work.save_calibration(batches)
-
-    on_event(Status("capturing calibration activations"))
-    timer = PhaseTimer(device, state.get("phase_seconds") if state is not None else None)
-    with front_materialized(model, layers_path, reader, key_map, device), timer.phase("forward"):
-        hidden, calls = capture_layer_calls(model, layers, batches, device)
-    if state is None:
-        writer = BundleWriter(work.bundle, s.max_shard_bytes, header_bytes_for([adapter_key(p, f) for p in shapes
-                                                                                for f in ("lora_A", "lora_B")]))
-        _copy_outside_layers(writer, reader, key_map, layers_path)
-        state = {"fingerprint": prints, "layers": len(layers), "next_layer": 0, "reports": [], "stored_dtypes": [],
-                 "layer_seconds": [], "calibration_seconds": time.perf_counter() - started}
-        _commit(work, state, writer, hidden, timer)
-    else:
-        writer = BundleWriter(work.bundle, s.max_shard_bytes, 0, state=state["bundle"])
-        del hidden
-        hidden = work.load_activations(state)
-    on_event(Calibrated(sum(len(b.input_ids) for b in batches), state["calibration_seconds"]))
-
-    converter = LayerConverter(s, quantizer, reader, key_map, writer, batches, device, timer,
-                               {getattr(torch, name) for name in state["stored_dtypes"]})
-    for index in range(state["next_layer"], len(layers)):
-        layer_started = time.perf_counter()
-        reports = converter.convert(f"{layers_path}.{index}.", layers[index], targets[index], hidden, calls[index])
-        state["layer_seconds"].append(time.perf_counter() - layer_started)
-        state.update(next_layer=index + 1, reports=state["reports"] + [asdict(r) for r in reports],
-                     stored_dtypes=sorted(str(d).removeprefix("torch.") for d in converter.stored_dtypes))
-        _commit(work, state, writer, hidden, timer)
-        on_event(LayerConverted(index, len(layers), state["layer_seconds"][-1]))
-    opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
-    return _finish(s, source, quantizer, writer, opened, batches, state, converter.stored_dtypes, started)
+    return model, tokenizer, layers_path, layers, targets, shapes, reader, key_map
 
 
-def _commit(work: WorkFolder, state: dict, writer: BundleWriter, hidden: list[torch.Tensor], timer: PhaseTimer) -> None:
+def _share_counts(rank: int, batches: list[CalibrationBatch]) -> dict:
+    """What one rank calibrates on: its samples and real tokens."""
+    return {"rank": rank, "samples": sum(len(b.input_ids) for b in batches),
+            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))}
+
+
+def _commit(ranks: Ranks, work: WorkFolder, state: dict, writer: BundleWriter | None, hidden: list[torch.Tensor],
+            timer: PhaseTimer) -> None:
+    """A resume point: every rank's next-layer inputs, then (rank 0) the synced bundle and the state."""
     with timer.phase("write"):
-        writer.sync()
-        state["phase_seconds"] = dict(timer.seconds)  # every commit records them; this commit's own write is not in yet
-        work.commit(state, writer.state(), hidden)
+        if ranks.size == 1:
+            writer.sync()
+            state["phase_seconds"] = dict(timer.seconds)  # every commit records them; this commit's write is not in
+            work.commit(state, writer.state(), hidden)
+            return
+        ranks.together(lambda: work.save_activations(state["next_layer"], hidden, ranks.rank, ranks.size))
+
+        def record() -> None:
+            writer.sync()
+            state["phase_seconds"] = dict(timer.seconds)
+            work.record(state, writer.state(), ranks.size)
+
+        ranks.together(lambda: record() if ranks.main else None)
 
 
 @dataclass
@@ -176,7 +251,7 @@ def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, write
                    opened.shapes)
     dropped = sorted(set(opened.reader.keys()) - set(opened.key_map.to_model))
     modules = [ModuleReport(**row) for row in state["reports"]]
-    report = conversion_report(s, source, quantizer, modules, batches, state["calibration_seconds"],
+    report = conversion_report(s, source, quantizer, modules, batches, state["ranks"], state["calibration_seconds"],
                                state["layer_seconds"], state.get("phase_seconds", {}), started, dropped)
     writer.write_json(REPORT, report)
     render_model_card(writer.folder, report=report, source_folder=source.folder, model_id=str(s.out),

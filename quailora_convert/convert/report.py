@@ -12,7 +12,7 @@ from .. import __version__
 from ..calibration.batches import CalibrationBatch
 from ..core.joint import Compensated
 from ..core.quantize import Quantizer
-from ..core.solvers import calibrated_error, svd_init
+from ..core.solvers import calibrated_error, top_singular
 from ..sources.resolve import ModelSource
 from .settings import ConvertSettings
 
@@ -43,7 +43,7 @@ def module_report(module: str, input_group: str, result: Compensated, H: Tensor)
     return ModuleReport(
         module=module, shape=tuple(E.shape), input_group=input_group,
         error_before=result.error_rounded,
-        error_svd_init=calibrated_error(E.double() - svd_init(E, rank, BASELINE_POWER, fallback=False).matrix(), H),
+        error_svd_init=_baseline_error(E, rank, H, result.error_rounded),
         error_after=result.objective_rounds[result.kept_round],
         ridge=correction.ridge,
         error_nearest=result.error_nearest,
@@ -52,8 +52,16 @@ def module_report(module: str, input_group: str, result: Compensated, H: Tensor)
     )
 
 
+def _baseline_error(E: Tensor, rank: int, H: Tensor, error_E: float) -> float:
+    """tr((E - M) H (E - M)^T) for the weight-space init M = P E, P = U U^T the projection onto E's top r
+    left singular directions: tr(E H E^T) - tr(Y H Y^T) with Y = U^T E (r, in), an r x in x in product."""
+    U, _, _ = top_singular(E.double(), rank, max_power=BASELINE_POWER, fallback=False)
+    return error_E - calibrated_error(U.T @ E.double(), H)
+
+
 def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, modules: list[ModuleReport],
-                      batches: list[CalibrationBatch], calibration_seconds: float, layer_seconds: list[float],
+                      batches: list[CalibrationBatch], rank_shares: list[dict], calibration_seconds: float,
+                      layer_seconds: list[float],
                       phase_seconds: dict[str, float], started: float, dropped_keys: list[str]) -> dict:
     import bitsandbytes
     import peft
@@ -70,7 +78,9 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
         "quantization": {"bits": quantizer.bits, "type": quantizer.name},
         "settings": settings,
         "calibration": {"samples": sum(len(b.input_ids) for b in batches),
-                        "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))},
+                        "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+                        "world_size": len(rank_shares),
+                        "ranks": rank_shares},  # per process (torchrun): {rank, samples, tokens} it calibrated on
         "summary": {"modules": len(modules), "error_nearest": nearest, "error_before": before, "error_after": after,
                     "relative_error_after": after / nearest if nearest else None},
         "modules": [asdict(r) for r in modules],

@@ -4,7 +4,8 @@
       owner.json                        pid and start time of the run holding the lock
       state.json                        the last resume point (replaced atomically: the commit)
       calibration.safetensors           the token batches (a resumed run never re-reads or re-samples)
-      activations-00012.safetensors     the inputs of the next layer to convert (here layer 12)
+      activations-00012.safetensors     the inputs of the next layer to convert (here layer 12); under torchrun
+                                        one file per rank, activations-00012-rank1-of-2.safetensors
       bundle/                           the bundle being written; renamed to OUT at the end
 
 After every finished layer commit() syncs the bundle's files, writes the next layer's inputs, then
@@ -34,7 +35,7 @@ STATE = "state.json"
 OWNER = "owner.json"
 CALIBRATION = "calibration.safetensors"
 BUNDLE = "bundle"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the ranks' shares (torchrun)
 _ENDS_BYTES = 1 << 20  # a weight file is fingerprinted by its size and the sha256 of its first and last MiB
 
 
@@ -119,7 +120,7 @@ class WorkFolder:
 
     def commit(self, state: dict, bundle_state: dict, hidden: list[torch.Tensor]) -> None:
         """Record a resume point: state (JSON) with the bundle's (already synced) state and the next layer's inputs."""
-        name = f"activations-{state['next_layer']:05d}.safetensors"
+        name = activations_name(state["next_layer"])
         with critical():
             _write_tensors(self.path / name, {str(b): h for b, h in enumerate(hidden)})
             _write_json_atomic(self.path / STATE, {"format": STATE_FORMAT, **state, "activations": name,
@@ -128,9 +129,28 @@ class WorkFolder:
                 if stale.name != name:
                     stale.unlink()
 
-    def load_activations(self, state: dict) -> list[torch.Tensor]:
-        tensors = _read_tensors(self.path / state["activations"])
+    def load_activations(self, state: dict, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+        name = state["activations"] if world_size == 1 else activations_name(state["next_layer"], rank, world_size)
+        tensors = _read_tensors(self.path / name)
         return [tensors[str(b)] for b in range(len(tensors))]
+
+    # -- resume points of several ranks (torchrun): each rank's activations, then rank 0's state ---------------
+    def save_activations(self, next_layer: int, hidden: list[torch.Tensor], rank: int, world_size: int) -> None:
+        """One rank's share of the next layer's inputs (a file of its own; the folder is rank 0's)."""
+        with critical():
+            _write_tensors(self.path / activations_name(next_layer, rank, world_size),
+                           {str(b): h for b, h in enumerate(hidden)})
+
+    def record(self, state: dict, bundle_state: dict, world_size: int) -> None:
+        """Rank 0, once every rank saved its activations: the state, then the earlier ranks' files removed."""
+        names = {activations_name(state["next_layer"], rank, world_size) for rank in range(world_size)}
+        with critical():
+            _write_json_atomic(self.path / STATE, {"format": STATE_FORMAT, **state,
+                                                   "activations": activations_name(state["next_layer"], 0, world_size),
+                                                   "bundle": bundle_state})
+            for stale in self.path.glob("activations-*"):
+                if stale.name not in names:
+                    stale.unlink()
 
     # -- the end -----------------------------------------------------------------------------
     def publish(self, overwrite: bool) -> Path:
@@ -151,6 +171,12 @@ class WorkFolder:
             _fsync_folder(self.out.parent)
             self.release(remove=True)
         return self.out
+
+
+def activations_name(next_layer: int, rank: int = 0, world_size: int = 1) -> str:
+    """activations-00012.safetensors; with several ranks activations-00012-rank1-of-2.safetensors."""
+    shared = "" if world_size == 1 else f"-rank{rank}-of-{world_size}"
+    return f"activations-{next_layer:05d}{shared}.safetensors"
 
 
 def fingerprint(settings: dict, source_folder: Path, repo_id: str | None, commit: str | None,

@@ -49,7 +49,6 @@ def quantize_and_solve(W: Tensor, stored_dtype: torch.dtype, H: Tensor, quantize
         raise ValueError(f"refinement rounds must be >= 0, got {refine}")
     W = W.float()
     nearest = quantizer.quantize(W.to(stored_dtype))
-    error_nearest = calibrated_error(W - nearest.dequantized.float(), H)
     grid = quantizer.grid(nearest) if rounding == "gptq" or refine else None
     if rounding == "gptq" and gptq is None:
         gptq = gptq_factor(H, gptq_damp)
@@ -61,6 +60,8 @@ def quantize_and_solve(W: Tensor, stored_dtype: torch.dtype, H: Tensor, quantize
 
     quantized = quantizer.with_codes(nearest, codes_for(W)) if rounding == "gptq" else nearest
     best = last = _solved(W, quantized, H, solve_error)
+    error_nearest = (last.error_value if quantized is nearest
+                     else calibrated_error(W - nearest.dequantized.float(), H))
     rounds = [best.objective]
     kept = 0
     for round_index in range(1, refine + 1):
@@ -69,8 +70,8 @@ def quantize_and_solve(W: Tensor, stored_dtype: torch.dtype, H: Tensor, quantize
         rounds.append(last.objective)
         if last.objective < best.objective:
             best, kept = last, round_index
-    return Compensated(best.quantized, best.correction, best.error, error_nearest,
-                       calibrated_error(best.error, H), rounds, kept)
+    error_rounded = best.error_value
+    return Compensated(best.quantized, best.correction, best.error, error_nearest, error_rounded, rounds, kept)
 
 
 @dataclass
@@ -78,11 +79,18 @@ class _Iterate:
     quantized: QuantizedWeight
     correction: LowRank
     error: Tensor  # (out, in) float32
-    objective: float
+    objective: float  # calibrated error with the correction
+    error_value: float  # without it
 
 
 def _solved(W: Tensor, quantized: QuantizedWeight, H: Tensor, solve_error: Callable[[Tensor], LowRank]) -> _Iterate:
+    """One solve; its calibrated errors from the solver when it had them (the exact solve), else computed."""
     error = W - quantized.dequantized.float()  # (out, in)
     correction = solve_error(error)
-    return _Iterate(quantized, correction, error, calibrated_error(error.double() - correction.matrix(), H))
+    if correction.calibrated is not None:
+        error_value, objective = correction.calibrated
+    else:
+        error_value = calibrated_error(error, H)
+        objective = calibrated_error(error.double() - correction.matrix(), H)
+    return _Iterate(quantized, correction, error, objective, error_value)
 

@@ -31,6 +31,8 @@ class LowRank:
     left: Tensor  # (out, r)
     right: Tensor  # (r, in)
     ridge: float = 0.0  # added to H's diagonal before the solve (relative to its mean diagonal)
+    # (tr(E H E^T), tr((E - M) H (E - M)^T)) of the E it was solved for, when the solve had them for free
+    calibrated: tuple[float, float] | None = None
 
     def matrix(self) -> Tensor:
         return self.left @ self.right  # (out, in)
@@ -44,7 +46,7 @@ def calibrated_error(E: Tensor, H: Tensor) -> float:
 
 def svd_init(E: Tensor, rank: int, max_power: int = RSVD_MAX_POWER, fallback: bool = True) -> LowRank:
     """Best rank-r approximation of E in the weight space (Frobenius norm): LoftQ-style. With fallback
-    False and a small max_power, a cheap approximation of it (the report's baseline)."""
+    False and a small max_power, a cheap approximation of it for large matrices (the report's baseline)."""
     E64 = _checked(E, rank)
     U, S, Vh = top_singular(E64, rank, max_power=max_power, fallback=fallback)
     return _balanced(U * S, Vh)
@@ -56,6 +58,7 @@ class HessianFactor:
 
     L: Tensor  # (in, in) lower triangular, float64
     ridge: float  # relative to H's mean diagonal (its mean eigenvalue): damp, or more if H needed it
+    shift: float  # the ridge in H's units: L L^T = H + shift * I
 
 
 def factor_hessian(H: Tensor, in_features: int, damp: float = DEFAULT_DAMP) -> HessianFactor:
@@ -72,7 +75,7 @@ def factor_hessian(H: Tensor, in_features: int, damp: float = DEFAULT_DAMP) -> H
         L.diagonal().add_(ridge * mean)
         torch.linalg.cholesky_ex(L, out=(L, info))
         if int(info) == 0:
-            return HessianFactor(L, ridge)
+            return HessianFactor(L, ridge, float(ridge * mean))
         ridge *= 10
     raise FloatingPointError(f"H is not positive definite even with {ridge / 10:g} x its mean eigenvalue added")
 
@@ -88,12 +91,23 @@ def solve_exact(E: Tensor, H: Tensor, rank: int, damp: float = DEFAULT_DAMP) -> 
 
 
 def solve_factored(E: Tensor, factor: HessianFactor, rank: int) -> LowRank:
-    """solve_exact with H already factored (factor_hessian): one factor serves every E of an input group."""
+    """solve_exact with H already factored (factor_hessian): one factor serves every E of an input group.
+
+    The calibrated errors of E and of E - M come with it (LowRank.calibrated) without another
+    (out, in) x (in, in) product: tr(D H D^T) = ||D L||^2 - shift ||D||^2, where E L = G is at hand and
+    (E - M) L = G - P G for the projection P onto the top singular directions, so ||(E - M) L||^2 =
+    ||G||^2 - sum of the kept singular values squared.
+    """
     E64 = _checked(E, rank)
-    U, S, Vh = top_singular(E64 @ factor.L, rank)  # of E L (out, in)
+    G = E64 @ factor.L  # (out, in)
+    U, S, Vh = top_singular(G, rank)
     right = torch.linalg.solve_triangular(factor.L.T, Vh.T, upper=True).T  # Vh L^-1 (r, in)
     low_rank = _balanced(U * S, right)
-    return LowRank(low_rank.left, low_rank.right, factor.ridge)
+    G_squared = float((G * G).sum())
+    residual = E64 - low_rank.matrix()  # (out, in)
+    calibrated = (G_squared - factor.shift * float((E64 * E64).sum()),
+                  G_squared - float((S * S).sum()) - factor.shift * float((residual * residual).sum()))
+    return LowRank(low_rank.left, low_rank.right, factor.ridge, calibrated)
 
 
 def top_singular(A: Tensor, rank: int, seed: int = 0, max_power: int = RSVD_MAX_POWER,
@@ -127,8 +141,20 @@ def top_singular(A: Tensor, rank: int, seed: int = 0, max_power: int = RSVD_MAX_
 
 
 def _full_svd(A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-    return U[:, :rank], S[:rank], Vh[:rank]
+    """The exact top-r triplets of A, from the eigendecomposition of its smaller Gram matrix: at 576 x 1536
+    in float64 on 2 cores 0.038 s against 0.169 s for the SVD, singular values equal to 1.3e-15 relative.
+    Only U S is exact where singular values vanish (U's columns there are zero), which is all callers use."""
+    tall = A.shape[0] >= A.shape[1]
+    B = A if tall else A.T  # (long side, short side)
+    try:
+        eigenvalues, V = torch.linalg.eigh(B.T @ B)  # ascending
+    except torch.linalg.LinAlgError:  # eigh did not converge: the SVD's own algorithm
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        return U[:, :rank], S[:rank], Vh[:rank]
+    V = V[:, -rank:].flip(1)  # (short, r) right singular vectors of B, descending
+    S = eigenvalues[-rank:].flip(0).clamp_min(0).sqrt()  # (r,)
+    U = (B @ V) / torch.where(S > 0, S, torch.ones_like(S))  # (long, r)
+    return (U, S, V.T) if tall else (V, S, U.T)
 
 
 def solve_als(E: Tensor, H: Tensor, rank: int, steps: int = 20) -> LowRank:

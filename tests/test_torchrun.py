@@ -1,0 +1,140 @@
+"""torchrun: two processes (gloo, CPU) share one conversion and write what one process writes.
+
+`torchrun --nproc-per-node 2 --no-python quailora-convert ...` against `quailora-convert ...` on the
+same source and settings: base shards byte-identical (the default rounding depends on W alone), every
+module's correction M = B A within 1e-3 relative Frobenius error (H is summed in another order), the
+report records both ranks' shares, which add up to the single run's. Errors end both ranks with one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_process import run_cli
+from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+
+
+def run_torchrun(*args, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N --no-python quailora-convert ARGS` (python -m forms without
+    the console scripts), offline, without debug tracebacks."""
+    console = shutil.which("quailora-convert")
+    program = ["--no-python", console] if console else ["-m", "quailora_cli"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               *program, *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("QUAILORA_DEBUG", None)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("torchrun")
+    config = tiny_llama_config(hidden_size=256, intermediate_size=640, num_hidden_layers=3, head_dim=64)
+    source = save_tiny(config, root / "source")
+    calib = write_text_calibration(root / "calib.jsonl", count=32)
+    args = [source, "--calib", calib, "--rank", 8, "--num-samples", 24, "--seq-len", 48, "--batch-size", 4,
+            "--device", "cpu", "--max-shard-bytes", 400_000]
+    single = run_cli(*args, "--out", root / "single", "--quiet")
+    assert single.returncode == 0, single.stderr
+    shared = run_torchrun(*args, "--out", root / "shared", "--quiet")
+    assert shared.returncode == 0, shared.stderr
+    return dict(root=root, args=args, single=root / "single", shared=root / "shared", stdout=shared.stdout)
+
+
+def test_two_ranks_write_the_single_process_bundle(runs):
+    single, shared = runs["single"], runs["shared"]
+    assert sorted(p.name for p in single.iterdir()) == sorted(p.name for p in shared.iterdir())
+    shards = sorted(p.name for p in single.glob("model*.safetensors"))
+    assert len(shards) > 1
+    for name in shards + ["model.safetensors.index.json", "config.json"]:
+        assert (single / name).read_bytes() == (shared / name).read_bytes(), name
+    one, two = load_file(single / "adapter_model.safetensors"), load_file(shared / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    corrections = [k for k in one if ".lora_A." in k]
+    assert len(corrections) == 21  # 3 layers x 7 linears
+    for key in corrections:
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        M1 = one[b_key].double() @ one[key].double()  # (out, in)
+        M2 = two[b_key].double() @ two[key].double()
+        assert float((M1 - M2).norm() / M1.norm()) < 1e-3, key
+    assert runs["stdout"].split() == [str(shared)]  # rank 0 alone prints
+
+
+def test_the_report_shows_how_the_work_was_shared(runs):
+    one = json.loads((runs["single"] / "quailora_report.json").read_text())["calibration"]
+    two = json.loads((runs["shared"] / "quailora_report.json").read_text())["calibration"]
+    assert one["world_size"] == 1 and one["ranks"] == [{"rank": 0, "samples": 24, "tokens": one["tokens"]}]
+    assert two["world_size"] == 2 and [r["rank"] for r in two["ranks"]] == [0, 1]
+    assert all(r["samples"] > 0 and r["tokens"] > 0 for r in two["ranks"])
+    assert sum(r["samples"] for r in two["ranks"]) == one["samples"] == two["samples"] == 24
+    assert sum(r["tokens"] for r in two["ranks"]) == one["tokens"] == two["tokens"]
+
+
+def ours(stderr: str) -> list[str]:
+    """The processes' own stderr lines, without torchrun's: its log lines ("E1201 02:33:07.543000 ...") and
+    its failure summary (the launcher's traceback, then a table of the ranks' exit codes)."""
+    lines = stderr.splitlines()
+    end = next((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), len(lines))
+    return [line for line in lines[:end] if line.strip() and not re.match(r"[IWE]\d{4} \d\d:\d\d:\d\d", line)]
+
+
+def test_an_error_on_rank_0_ends_both_ranks_with_one_line(runs):
+    existing = runs["shared"]  # --out exists: rank 0 refuses before anything is read
+    done = run_torchrun(*runs["args"], "--out", existing, timeout=300)
+    assert done.returncode != 0
+    lines = ours(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: --out ") and "already exists" in lines[0], done.stderr
+
+
+def test_too_few_batches_for_the_ranks_is_one_line(runs):
+    args = list(runs["args"])
+    args[args.index("--batch-size") + 1] = 24  # one batch of all 24 samples for two processes
+    done = run_torchrun(*args, "--out", runs["root"] / "few", timeout=300)
+    assert done.returncode != 0
+    lines = ours(done.stderr)
+    assert len(lines) == 1 and "calibration batches for 2 processes" in lines[0], done.stderr
+    assert not (runs["root"] / "few").exists()
+
+
+def test_a_stopped_torchrun_resumes_to_the_same_bundle(runs):
+    """SIGTERM to torchrun (it passes the signal to both ranks) after a resume point; --resume continues."""
+    out = runs["root"] / "resumed"
+    console = shutil.which("quailora-convert")
+    program = ["--no-python", console] if console else ["-m", "quailora_cli"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program,
+               *map(str, runs["args"]), "--out", str(out), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    state = out.with_name(out.name + ".quailora-work") / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and launcher.poll() is None:
+        try:
+            if json.loads(state.read_text())["next_layer"] >= 1:
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.02)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    if out.exists():
+        pytest.skip("the run finished before the signal arrived")
+    lines = ours(stderr)
+    assert len(lines) == 1 and "run the same command with --resume" in lines[0], stderr
+    done = run_torchrun(*runs["args"], "--out", out, "--resume", "--quiet")
+    assert done.returncode == 0, done.stderr
+    for shard in sorted(p.name for p in runs["single"].glob("model*.safetensors")):
+        assert (runs["single"] / shard).read_bytes() == (out / shard).read_bytes(), shard
+    report = json.loads((out / "quailora_report.json").read_text())
+    assert report["calibration"]["world_size"] == 2 and len(report["modules"]) == 21
