@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,13 +109,13 @@ def test_too_few_batches_for_the_ranks_is_one_line(runs):
     assert not (runs["root"] / "few").exists()
 
 
-def test_a_stopped_torchrun_resumes_to_the_same_bundle(runs):
-    """SIGTERM to torchrun (it passes the signal to both ranks) after a resume point; --resume continues."""
-    out = runs["root"] / "resumed"
+def stopped_after_one_layer(args: list, out: Path) -> str:
+    """torchrun with 2 ranks, sent SIGTERM (it passes the signal on) once a resume point after layer 1
+    exists; returns its stderr."""
     console = shutil.which("quailora-convert")
     program = ["--no-python", console] if console else ["-m", "quailora_cli"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program,
-               *map(str, runs["args"]), "--out", str(out), "--quiet"]
+               *map(str, args), "--out", str(out), "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     state = out.with_name(out.name + ".quailora-work") / "state.json"
@@ -127,7 +128,13 @@ def test_a_stopped_torchrun_resumes_to_the_same_bundle(runs):
             pass
         time.sleep(0.02)
     launcher.send_signal(signal.SIGTERM)
-    _, stderr = launcher.communicate(timeout=120)
+    return launcher.communicate(timeout=120)[1]
+
+
+def test_a_stopped_torchrun_resumes_to_the_same_bundle(runs):
+    """SIGTERM to torchrun (it passes the signal to both ranks) after a resume point; --resume continues."""
+    out = runs["root"] / "resumed"
+    stderr = stopped_after_one_layer(runs["args"], out)
     if out.exists():
         pytest.skip("the run finished before the signal arrived")
     lines = ours(stderr)
@@ -138,3 +145,15 @@ def test_a_stopped_torchrun_resumes_to_the_same_bundle(runs):
         assert (runs["single"] / shard).read_bytes() == (out / shard).read_bytes(), shard
     report = json.loads((out / "quailora_report.json").read_text())
     assert report["calibration"]["world_size"] == 2 and len(report["modules"]) == 21
+
+
+def test_resuming_with_another_number_of_processes_is_refused_in_one_line(runs):
+    """A work folder from 2 ranks holds 2 activation files per layer: one process cannot continue it."""
+    out = runs["root"] / "other-size"
+    stopped_after_one_layer(runs["args"], out)
+    if out.exists():
+        pytest.skip("the run finished before the signal arrived")
+    alone = run_cli(*runs["args"], "--out", out, "--resume")
+    assert alone.returncode == 2
+    lines = [line for line in alone.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "world_size: 2 -> null" in lines[0] and "--overwrite" in lines[0], alone.stderr
