@@ -1,7 +1,6 @@
 """`quailora-convert [convert] MODEL ...`: the conversion command. Defaults come from ConvertSettings."""
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
@@ -13,6 +12,7 @@ from quailora_cli.app import app, defaults_of
 from quailora_cli.evaluate import EVAL_DEFAULT, VerboseOption, run_eval
 from quailora_cli.progress import Reporter, choose_mode
 from quailora_convert.convert.settings import ConvertSettings
+from quailora_convert.errors import is_other_rank
 from quailora_convert.eval_settings import EvalSettings
 
 DEFAULT = defaults_of(ConvertSettings)
@@ -93,16 +93,11 @@ def convert(
         print_plan(settings, as_json, choose_mode(quiet or as_json))
         return
     evaluation = dict(data=eval_data, num_samples=eval_num_samples, seq_len=eval_seq_len) if with_eval else None
-    if another_rank():  # torchrun: rank 0 reports and evaluates; the others share the conversion silently
+    if is_other_rank():  # torchrun: rank 0 reports and evaluates; the others share the conversion silently
         convert_then_eval(settings, choose_mode(True), None)
         return
     path = convert_then_eval(settings, choose_mode(quiet), evaluation)
     typer.echo(str(path) if quiet else f"bundle written to {path}")
-
-
-def another_rank() -> bool:
-    """Started by torchrun as a rank other than 0."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0
 
 
 def convert_then_eval(settings: ConvertSettings, mode: str, evaluation: dict | None = None) -> Path:

@@ -36,15 +36,20 @@ class PeerFailed(QuailoraError):
 SHARED_MARK = "_quailora_shared_with_ranks"  # set on a rank's own error once every rank was told of it
 
 
+def is_other_rank() -> bool:
+    """Whether torchrun started this process as a rank other than 0 (read from its environment, no torch)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0
+
+
 def is_quiet_rank(error: BaseException) -> bool:
     """Whether this process should print nothing for error: under torchrun, a rank other than 0 whose
     failure rank 0 reports (a PeerFailed, or its own error that every rank was told of), or that was
     stopped by a signal (torchrun passes it on to every rank; rank 0 says where to resume)."""
-    import os
-
     from .stopping import StopRequested, stop_behind
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or int(os.environ.get("RANK", "0") or 0) == 0:
+    if not is_other_rank():
         return False
     return (isinstance(error, (PeerFailed, KeyboardInterrupt)) or bool(getattr(error, SHARED_MARK, False))
             or isinstance(stop_behind(error), StopRequested))

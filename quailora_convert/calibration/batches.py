@@ -88,6 +88,15 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.eos_token_id or 0
 
 
+def sample_count(batches: list[CalibrationBatch]) -> int:
+    return sum(len(b.input_ids) for b in batches)
+
+
+def token_count(batches: list[CalibrationBatch]) -> int:
+    """The real (non-padding) tokens of batches."""
+    return int(sum(int(b.attention_mask.sum()) for b in batches))
+
+
 def make_batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> list[CalibrationBatch]:
     """Right-padded batches; the attention mask marks the real tokens."""
     batches = []

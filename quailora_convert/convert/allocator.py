@@ -71,9 +71,8 @@ def heap_for_forward() -> Iterator[None]:
     64 KiB threshold alone the conversion's forward cost 1.5x a bare forward (benchmarks/speed.py) and
     `python benchmarks/forward_allocator.py` (SmolLM2, 32 samples <= 512 tokens, medians of 2) measured a
     bare decoder forward at 15.4 s with glibc's defaults, 20.0 s with the 64 KiB threshold and 14.0 s in
-    this scope. Keeping the freed
-    pages after the scope instead (no trim) let peak RSS grow with the layer count (benchmarks/memory.py,
-    1 thread: 1068.7 -> 1280.5 MiB from 6 to 24 layers, ratio 1.198).
+    this scope. Keeping the freed pages after the scope instead (no trim) let peak RSS grow with the layer
+    count (benchmarks/memory.py, 1 thread: 1068.7 -> 1280.5 MiB from 6 to 24 layers, ratio 1.198).
     """
     libc = _applied["libc"]
     if libc is None:

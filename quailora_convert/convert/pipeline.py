@@ -23,7 +23,8 @@ from ..bundle.layout import ADAPTER_CONFIG, CONFIG, COPIED_FROM_SOURCE, REPORT, 
 from ..bundle.safetensors_stream import header_bytes_for
 from ..bundle.writer import BundleWriter
 from ..calibration import self_generated
-from ..calibration.batches import CalibrationBatch, make_batches, pad_token_id, sample_token_sequences
+from ..calibration.batches import (CalibrationBatch, make_batches, pad_token_id, sample_count, sample_token_sequences,
+                                   token_count)
 from ..calibration.texts import read_texts
 from ..core.lora import adapter_key, peft_target_modules, rank_patterns
 from ..core.quantize import Quantizer, quantizer_for
@@ -179,7 +180,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
                                 if ranks.main else None)
         del hidden
         hidden = ranks.together(lambda: work.load_activations(state, ranks.rank, ranks.size))
-    on_event(Calibrated(sum(len(b.input_ids) for b in batches), state["calibration_seconds"]))
+    on_event(Calibrated(sample_count(batches), state["calibration_seconds"]))
 
     converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
                                {getattr(torch, name) for name in state["stored_dtypes"]}, ranks)
@@ -209,8 +210,7 @@ def _open_skeleton(s: ConvertSettings, source: ModelSource, device: torch.device
 
 def _share_counts(rank: int, batches: list[CalibrationBatch]) -> dict:
     """What one rank calibrates on: its samples and real tokens."""
-    return {"rank": rank, "samples": sum(len(b.input_ids) for b in batches),
-            "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))}
+    return {"rank": rank, "samples": sample_count(batches), "tokens": token_count(batches)}
 
 
 def _commit(ranks: Ranks, work: WorkFolder, state: dict, writer: BundleWriter | None, hidden: list[torch.Tensor],

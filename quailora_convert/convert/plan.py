@@ -20,7 +20,7 @@ from torch import nn
 
 from ..bundle.layout import COPIED_FROM_SOURCE, config_dtype, read_config
 from ..bundle.writer import BASE_HEADER_BYTES
-from ..calibration.batches import CalibrationBatch
+from ..calibration.batches import CalibrationBatch, sample_count, token_count
 from ..core.lora import lora_scaling, to_peft
 from ..core.quantize import Quantizer
 from .architectures import linear_modules, select_targets, weight_matrix
@@ -108,8 +108,8 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     startup = time.time() - process_started  # imports, skeleton, calibration: the real run pays them too
     return Plan(
         layers=len(layers), targeted_modules=len(shapes), parameters=sum(p.numel() for _, p in _stored_parameters(model)),
-        calibration_samples=sum(len(b.input_ids) for b in batches),
-        calibration_tokens=int(sum(int(b.attention_mask.sum()) for b in batches)),
+        calibration_samples=sample_count(batches),
+        calibration_tokens=token_count(batches),
         bundle_bytes=bundle, work_bytes=work_bytes(padded, hidden_size),
         peak_host_bytes=int(max(host_layer_phase, host_front_phase)),
         peak_device_bytes=0 if on_host else int(max(probe["device_bytes"], device_front_phase)),

@@ -19,9 +19,9 @@ A world of one (no WORLD_SIZE) runs the same code with no collectives.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
-from contextlib import nullcontext
 from typing import Callable, ContextManager, TypeVar
 
 import torch

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..calibration.batches import CalibrationBatch
+from ..calibration.batches import CalibrationBatch, sample_count, token_count
 from ..core.joint import Compensated
 from ..core.quantize import Quantizer
 from ..core.solvers import calibrated_error, top_singular
@@ -77,8 +77,7 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
         "source": {"model": s.model, "repo_id": source.repo_id, "commit": source.commit, "gguf": source.gguf},
         "quantization": {"bits": quantizer.bits, "type": quantizer.name},
         "settings": settings,
-        "calibration": {"samples": sum(len(b.input_ids) for b in batches),
-                        "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+        "calibration": {"samples": sample_count(batches), "tokens": token_count(batches),
                         "world_size": len(rank_shares),
                         "ranks": rank_shares},  # per process (torchrun): {rank, samples, tokens} it calibrated on
         "summary": {"modules": len(modules), "error_nearest": nearest, "error_before": before, "error_after": after,
