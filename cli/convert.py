@@ -64,6 +64,9 @@ def convert(
     resume: Annotated[bool, typer.Option("--resume", help=(
         "Continue an interrupted run (killed, out of memory, SIGTERM) from its last finished layer; the result is "
         "byte-identical to an uninterrupted run. Refused if the source, settings or versions differ."))] = DEFAULT["resume"],
+    resume_interval: Annotated[float, typer.Option("--resume-interval", metavar="SECONDS", help=(
+        "Seconds between resume points (each writes the next layer's inputs to disk); a crash or stop loses at "
+        "most about this much work. 0: after every layer."))] = DEFAULT["resume_interval"],
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=(
         "Accept pickle-only (.bin) weights; unpickling can run code."))] = DEFAULT["allow_pickle"],
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=(

@@ -31,7 +31,7 @@ def case(tmp_path_factory) -> dict:
     source = save_tiny(config, root / "source")
     calib = write_text_calibration(root / "calib.jsonl", count=32)
     args = [source, "--calib", calib, "--rank", 8, "--num-samples", 24, "--seq-len", 48, "--batch-size", 4,
-            "--max-shard-bytes", 400_000]
+            "--max-shard-bytes", 400_000, "--resume-interval", 0]  # a resume point after every layer
     out = root / "out"
     done = run_cli(*args, "--out", out, "--quiet")
     assert done.returncode == 0, done.stderr
@@ -122,6 +122,30 @@ def test_signal_stops_at_a_resume_point(case, signum, code):
 
     resumed = run_cli(*case["args"], "--out", case["out"], "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    _assert_same_bundle(case["out"], case["reference"])
+
+
+@pytest.mark.parametrize("interval, resume_points", [(3600, [0]), (0, list(range(LAYERS)))])
+def test_resume_points_come_at_the_interval(case, monkeypatch, interval, resume_points):
+    """--resume-interval: the first resume point (before layer 1) always, then one whenever the interval has
+    passed (0: after every layer but the last, which the finish follows); the bytes never depend on it."""
+    from quailora_convert.convert.pipeline import convert
+    from quailora_convert.convert.settings import ConvertSettings
+    from quailora_convert.convert.work_folder import WorkFolder
+
+    _clean(case)
+    recorded = []
+    commit = WorkFolder.commit
+
+    def recording(self, state, *args):
+        recorded.append(state["next_layer"])
+        return commit(self, state, *args)
+
+    monkeypatch.setattr(WorkFolder, "commit", recording)
+    source, calib = case["args"][0], case["args"][2]
+    convert(ConvertSettings(model=str(source), out=case["out"], calib=str(calib), rank=8, num_samples=24, seq_len=48,
+                            batch_size=4, max_shard_bytes=400_000, resume_interval=interval))
+    assert recorded == resume_points
     _assert_same_bundle(case["out"], case["reference"])
 
 

@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> dict:
     source = save_tiny(config, root / "source")
     calib = write_text_calibration(root / "calib.jsonl", count=32)
     args = [source, "--calib", calib, "--rank", 8, "--num-samples", 24, "--seq-len", 48, "--batch-size", 4,
-            "--device", "cpu", "--max-shard-bytes", 400_000]
+            "--device", "cpu", "--max-shard-bytes", 400_000, "--resume-interval", 0]
     single = run_cli(*args, "--out", root / "single", "--quiet")
     assert single.returncode == 0, single.stderr
     shared = run_torchrun(*args, "--out", root / "shared", "--quiet")

@@ -184,14 +184,19 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
 
     converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
                                {getattr(torch, name) for name in state["stored_dtypes"]}, ranks)
+    committed = time.perf_counter()
     for index in range(state["next_layer"], len(layers)):
         layer_started = time.perf_counter()
         reports = converter.convert(f"{layers_path}.{index}.", layers[index], targets[index], hidden, calls[index])
         state["layer_seconds"].append(time.perf_counter() - layer_started)
         state.update(next_layer=index + 1, reports=state["reports"] + [asdict(r) for r in reports],
                      stored_dtypes=sorted(str(d).removeprefix("torch.") for d in converter.stored_dtypes))
-        _commit(ranks, work, state, writer, hidden, timer)
+        last = index + 1 == len(layers)  # the finish follows at once
+        if not last and ranks.from_main(time.perf_counter() - committed >= s.resume_interval):
+            _commit(ranks, work, state, writer, hidden, timer)
+            committed = time.perf_counter()
         on_event(LayerConverted(index, len(layers), state["layer_seconds"][-1]))
+    state["phase_seconds"] = dict(timer.seconds)
     opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
     return ranks.together(lambda: _finish(s, source, quantizer, writer, opened, batches, state,
                                           converter.stored_dtypes, started) if ranks.main else {})

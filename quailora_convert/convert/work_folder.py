@@ -29,6 +29,7 @@ from ..bundle.safetensors_stream import SafetensorsStreamWriter, header_bytes_fo
 from ..calibration.batches import CalibrationBatch
 from ..errors import BadInputError
 from ..stopping import critical
+from .settings import RUN_ONLY_SETTINGS
 
 WORK_SUFFIX = ".quailora-work"
 STATE = "state.json"
@@ -193,7 +194,7 @@ def fingerprint(settings: dict, source_folder: Path, repo_id: str | None, commit
     else:
         files = [Path(gguf)] if gguf else sorted(p for p in Path(source_folder).iterdir() if p.is_file())
         source = {"files": {p.name: _file_fingerprint(p) for p in files}}
-    ignored = {"overwrite", "resume", "out"}
+    ignored = {*RUN_ONLY_SETTINGS, "out"}
     return {
         "source": source,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if k not in ignored},

@@ -73,7 +73,10 @@ def factor_hessian(H: Tensor, in_features: int, damp: float = DEFAULT_DAMP) -> H
     for _ in range(RIDGE_RETRIES + 1):
         L = H.to(torch.float64, copy=True)  # factored in place: one (in, in) float64 buffer
         L.diagonal().add_(ridge * mean)
-        torch.linalg.cholesky_ex(L, out=(L, info))
+        # H is symmetric, so L's row-major buffer read column-major (L.mT) is H too, and LAPACK factors that view
+        # without a transposed copy: its upper factor U = L^T lands in L's lower triangle (2x faster at 1536)
+        upper = L.mT
+        torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
         if int(info) == 0:
             return HessianFactor(L, ridge, float(ridge * mean))
         ridge *= 10
@@ -112,7 +115,7 @@ def solve_factored(E: Tensor, factor: HessianFactor, rank: int) -> LowRank:
 
 def top_singular(A: Tensor, rank: int, seed: int = 0, max_power: int = RSVD_MAX_POWER,
                  fallback: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """U (m, r), S (r,), Vh (r, n) of the best rank-r approximation of A (m, n), float64.
+    """U (m, r), S (r,), Vh (r, n) of the best rank-r approximation of A (m, n), in A's dtype.
 
     Randomized subspace iteration (Halko, Martinsson, Tropp 2011) on 2r directions: after each power
     iteration the rank-r residual ||A - A_r||^2 is recomputed, and the iteration stops when it improves
@@ -124,7 +127,8 @@ def top_singular(A: Tensor, rank: int, seed: int = 0, max_power: int = RSVD_MAX_
     if RSVD_MIN_RATIO * k > min(m, n):
         return _full_svd(A, rank)
     generator = torch.Generator(device=A.device).manual_seed(seed)
-    Q = torch.linalg.qr(A @ torch.randn(n, k, generator=generator, dtype=A.dtype, device=A.device)).Q  # (m, k)
+    start = torch.randn(n, k, generator=generator, dtype=torch.float64, device=A.device)  # one draw for every dtype
+    Q = torch.linalg.qr(A @ start.to(A.dtype)).Q  # (m, k)
     total = float((A * A).sum())
     previous = None
     for iteration in range(max_power + 1):
