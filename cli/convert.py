@@ -56,6 +56,10 @@ def convert(
     calib_field: Annotated[Optional[str], typer.Option("--calib-field", help=(
         "Text column of a Hub dataset; default: Alpaca columns, else 'text'."))] = DEFAULT["calib_field"],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration samples per forward.")] = DEFAULT["batch_size"],
+    calib_dtype: Annotated[str, typer.Option("--calib-dtype", help=(
+        "dtype of the calibration forward (H is summed in float32): auto (a bfloat16 checkpoint in bfloat16 on CUDA "
+        "GPUs and on CPUs with AMX, else float32), float32, bfloat16, float16 (these two: for weights stored in "
+        "them)."))] = DEFAULT["calib_dtype"],
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda:0, ...")] = DEFAULT["device"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of calibration sampling.")] = DEFAULT["seed"],
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")] = DEFAULT["revision"],

@@ -36,7 +36,8 @@ def bundles(smollm2, alpaca_calib, tmp_path_factory):
                 "gptq": dict(bits=4, rounding="gptq", refine=1)}
     for name, options in variants.items():
         made[name] = convert(ConvertSettings(model=str(smollm2), out=root / f"b{name}", calib=str(alpaca_calib),
-                                             rank=16, num_samples=12, seq_len=128, batch_size=4, **options))
+                                             rank=16, num_samples=12, seq_len=128, batch_size=4,
+                                             calib_dtype="float32", **options))  # bfloat16: test_calib_dtype
     return made
 
 

@@ -19,7 +19,7 @@ from ..calibration.batches import CalibrationBatch
 from ..core.hessian import HessianSum
 from .phases import PhaseTimer
 
-CALIBRATION_DTYPE = torch.float32  # the paper's X comes from the full-precision model
+CALIBRATION_DTYPE = torch.float32  # the paper's X comes from the full-precision model (--calib-dtype float32)
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
 
 
@@ -36,18 +36,20 @@ class LayerCall:
 
 def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[CalibrationBatch],
                         device: torch.device, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+                        dtype: torch.dtype = CALIBRATION_DTYPE) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
     """Run the model front on every batch; return layer-0 inputs (on CPU) and every layer's call.
 
     calls[layer][batch] holds the keyword arguments (KV cache dropped, use_cache False), with
     tensors moved to CPU once and shared between layers that receive the same object. embed:
     input_ids -> inputs_embeds, instead of the model's own embedding (a timing probe without weights).
+    dtype: of the kept layer-0 inputs (the calibration dtype).
     """
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in layers]
     for batch in batches:
         offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded) for i, layer in enumerate(layers)]
+        recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded, dtype)
+                     for i, layer in enumerate(layers)]
         for layer, recorder in zip(layers, recorders):
             layer.forward = recorder
         try:
@@ -65,7 +67,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[C
 
 
 def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], hidden: list[torch.Tensor],
-              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype):
     signature = inspect.signature(type(layer).forward)
 
     def record(*args, **kwargs):
@@ -83,7 +85,7 @@ def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], 
             arguments["use_cache"] = False
         calls.append(LayerCall({k: _offload(v, offloaded) for k, v in arguments.items()}))
         if index == 0:
-            hidden.append(hidden_states.detach().to("cpu", CALIBRATION_DTYPE))
+            hidden.append(hidden_states.detach().to("cpu", dtype))
         if index == count - 1:
             raise _StopForward
         return (hidden_states,)  # ignored: only layer 0's input is kept
@@ -145,8 +147,9 @@ class InputHessians:
 
 def accumulate_hessians(layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
                         calls: list[LayerCall], batches: list[CalibrationBatch], device: torch.device,
-                        timer: PhaseTimer | None = None) -> InputHessians:
-    """Full-precision forward of every batch through one layer: H of its targets' inputs.
+                        timer: PhaseTimer | None = None, dtype: torch.dtype = CALIBRATION_DTYPE) -> InputHessians:
+    """Forward of every batch through one layer in the calibration dtype (float32: full precision; the layer
+    is materialised in it): H (float32) of its targets' inputs.
 
     hidden[b] (layer input on CPU) is replaced by the layer's output, the next layer's input.
     The timer, if any, is charged "hessian" for the H updates.
@@ -156,11 +159,11 @@ def accumulate_hessians(layer: nn.Module, targets: dict[str, nn.Module], hidden:
         with torch.no_grad():
             for b, batch in enumerate(batches):
                 moved: dict[int, torch.Tensor] = {}
-                kwargs = cast_floating(to_device(calls[b].kwargs, device, moved), CALIBRATION_DTYPE)
+                kwargs = cast_floating(to_device(calls[b].kwargs, device, moved), dtype)
                 hooks.start_batch(batch.token_mask.to(device))
                 output = layer(hidden[b].to(device), **kwargs)
                 output = output[0] if isinstance(output, (tuple, list)) else output
-                hidden[b] = output.to("cpu", CALIBRATION_DTYPE)
+                hidden[b] = output.to("cpu", dtype)
     finally:
         hooks.remove()
     return InputHessians(hooks.leader, hooks.sums)
@@ -204,3 +207,19 @@ class HessianHooks:
         for handle in self._handles:
             handle.remove()
         self._seen = []
+
+
+def calibration_dtype(name: str, stored: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """--calib-dtype as a dtype. auto: the checkpoint's own bfloat16 (config.json's dtype) where the device
+    computes it fast (CUDA GPUs with bf16; CPUs with AMX-BF16 tiles, where SmolLM2's forward is 2.5x float32's),
+    else float32. A half-precision choice needs weights stored in it (checked as each layer is read)."""
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if stored == torch.bfloat16 and fast_bfloat16(device) else torch.float32
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # {} where this torch cannot say
+    return device.type == "cpu" and bool(capabilities.get("amx_bf16"))

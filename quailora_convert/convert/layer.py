@@ -19,6 +19,7 @@ from ..core.lora import adapter_key, lora_scaling, to_peft
 from ..core.quantize import Quantizer
 from ..core.rounding import GptqFactor, gptq_factor
 from ..core.solvers import HessianFactor, factor_hessian, solve, solve_factored
+from ..errors import BadInputError
 from ..sources.checkpoint import CheckpointReader, KeyMap, materialize, release
 from .allocator import heap_for_forward
 from .architectures import linear_modules, weight_matrix
@@ -51,6 +52,7 @@ class LayerConverter:
     timer: PhaseTimer
     stored_dtypes: set[torch.dtype] = field(default_factory=set)  # of the decoder weights in the checkpoint
     ranks: Ranks = field(default_factory=Ranks)
+    calib_dtype: torch.dtype = CALIBRATION_DTYPE  # the layers are materialised and run in it
 
     def convert(self, prefix: str, layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
                 calls: list[LayerCall]) -> list[ModuleReport]:
@@ -72,14 +74,22 @@ class LayerConverter:
 
     def _read(self, prefix: str, layer: nn.Module) -> dict[str, torch.dtype]:
         with self.timer.phase("read"):
-            stored = materialize(layer, prefix, self.reader, self.key_map, self.device, CALIBRATION_DTYPE)
+            stored = materialize(layer, prefix, self.reader, self.key_map, self.device, self.calib_dtype)
+        if self.calib_dtype != CALIBRATION_DTYPE:  # a half dtype holds the weights exactly only if they are stored in it
+            for name in linear_modules(layer):
+                if stored[f"{name}.weight"] != self.calib_dtype:
+                    raise BadInputError(
+                        f"{prefix}{name}.weight is stored as {str(stored[f'{name}.weight']).removeprefix('torch.')}: "
+                        f"--calib-dtype {str(self.calib_dtype).removeprefix('torch.')} would round it before it is "
+                        "quantized; use --calib-dtype auto or float32")
         self.stored_dtypes.update(stored.values())
         return stored
 
     def _forward(self, layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
                  calls: list[LayerCall]) -> InputHessians:
         with self.timer.phase("forward"), heap_for_forward():
-            return accumulate_hessians(layer, targets, hidden, calls, self.batches, self.device, self.timer)
+            return accumulate_hessians(layer, targets, hidden, calls, self.batches, self.device, self.timer,
+                                       self.calib_dtype)
 
     def _share_hessians(self, hessians: InputHessians, linears: dict[str, nn.Module],
                         targets: dict[str, nn.Module]) -> dict[str, int]:
@@ -133,7 +143,7 @@ class LayerConverter:
                         hessians: InputHessians, groups: dict[str, GroupFactors], targeted: bool) -> LinearResult:
         """Quantize one linear; for a target also solve its correction and report it."""
         path = f"{prefix}{name}"
-        W = weight_matrix(module).detach()  # (out, in) float32, exact copy of the stored values
+        W = weight_matrix(module).detach()  # (out, in) in the calibration dtype, exactly the stored values
         if not targeted:
             with self.timer.phase("quantize"):
                 return LinearResult(self.quantizer.quantize(W.to(stored_dtype)).tensors)

@@ -35,7 +35,7 @@ from ..sources.checkpoint import CheckpointReader, KeyMap, transformers_renaming
 from ..sources.resolve import ModelSource, open_model
 from .allocator import heap_for_forward
 from .architectures import find_decoder_layers, layer_targets, linear_modules, weight_matrix
-from .capture import capture_layer_calls
+from .capture import calibration_dtype, capture_layer_calls
 from .layer import LayerConverter
 from .phases import PhaseTimer
 from .plan import Plan, make_plan, process_start_time
@@ -130,9 +130,11 @@ def open_source(settings: ConvertSettings, on_event: Listener = ignore,
 def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, ranks: Ranks, on_event: Listener,
              started: float, work: WorkFolder, state: dict | None) -> dict:
     device = ranks.device
+    dtype = calibration_dtype(s.calib_dtype, config_dtype(read_config(source.folder)), device)
     model, tokenizer, layers_path, layers, targets, shapes, reader, key_map = ranks.together(
-        lambda: _open_skeleton(s, source, device, on_event))
+        lambda: _open_skeleton(s, source, device, on_event, dtype))
     prints = fingerprint(asdict(s), source.folder, source.repo_id, source.commit, source.gguf, device)
+    prints["calibration_dtype"] = _dtype_name(dtype)  # what auto chose for this checkpoint on this device
     if ranks.size > 1:
         prints["world_size"] = ranks.size  # a rank's share of the batches and activations depends on it
 
@@ -155,9 +157,9 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
     timer = PhaseTimer(device, state.get("phase_seconds") if state is not None else None)
 
     def capture():
-        with front_materialized(model, layers_path, reader, key_map, device), timer.phase("forward"), \
+        with front_materialized(model, layers_path, reader, key_map, device, dtype), timer.phase("forward"), \
                 heap_for_forward():
-            return capture_layer_calls(model, layers, mine, device)
+            return capture_layer_calls(model, layers, mine, device, dtype=dtype)
 
     hidden, calls = ranks.together(capture)
     writer = None
@@ -183,7 +185,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
     on_event(Calibrated(sample_count(batches), state["calibration_seconds"]))
 
     converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
-                               {getattr(torch, name) for name in state["stored_dtypes"]}, ranks)
+                               {getattr(torch, name) for name in state["stored_dtypes"]}, ranks, dtype)
     committed = time.perf_counter()
     for index in range(state["next_layer"], len(layers)):
         layer_started = time.perf_counter()
@@ -202,8 +204,9 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
                                           converter.stored_dtypes, started) if ranks.main else {})
 
 
-def _open_skeleton(s: ConvertSettings, source: ModelSource, device: torch.device, on_event: Listener) -> tuple:
-    model, tokenizer = build_skeleton(source.folder, device, s.trust_remote_code)
+def _open_skeleton(s: ConvertSettings, source: ModelSource, device: torch.device, on_event: Listener,
+                   dtype: torch.dtype) -> tuple:
+    model, tokenizer = build_skeleton(source.folder, device, s.trust_remote_code, dtype)
     layers_path, layers = find_decoder_layers(model)
     targets = layer_targets(layers, layers_path, s.target_modules)
     shapes = _target_shapes(layers_path, targets)
@@ -211,6 +214,10 @@ def _open_skeleton(s: ConvertSettings, source: ModelSource, device: torch.device
     reader = CheckpointReader(source.folder)
     key_map = KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix, transformers_renaming(model))
     return model, tokenizer, layers_path, layers, targets, shapes, reader, key_map
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _share_counts(rank: int, batches: list[CalibrationBatch]) -> dict:
@@ -256,7 +263,8 @@ def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, write
                    opened.shapes)
     dropped = sorted(set(opened.reader.keys()) - set(opened.key_map.to_model))
     modules = [ModuleReport(**row) for row in state["reports"]]
-    report = conversion_report(s, source, quantizer, modules, batches, state["ranks"], state["calibration_seconds"],
+    report = conversion_report(s, source, quantizer, modules, batches, state["ranks"],
+                               state["fingerprint"]["calibration_dtype"], state["calibration_seconds"],
                                state["layer_seconds"], state.get("phase_seconds", {}), started, dropped)
     writer.write_json(REPORT, report)
     render_model_card(writer.folder, report=report, source_folder=source.folder, model_id=str(s.out),

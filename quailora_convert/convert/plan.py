@@ -24,7 +24,7 @@ from ..calibration.batches import CalibrationBatch, sample_count, token_count
 from ..core.lora import lora_scaling, to_peft
 from ..core.quantize import Quantizer
 from .architectures import linear_modules, select_targets, weight_matrix
-from .capture import CALIBRATION_DTYPE, accumulate_hessians, capture_layer_calls
+from .capture import CALIBRATION_DTYPE, accumulate_hessians, calibration_dtype, capture_layer_calls
 from .layer import GroupFactors, compensate
 from .report import module_report
 from .settings import ConvertSettings
@@ -88,17 +88,18 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
               batches: list[CalibrationBatch], quantizer: Quantizer, device: torch.device, source_folder: Path,
               process_started: float) -> Plan:
     stored_dtype = stored_dtype_of(source_folder)
+    calib_dtype = calibration_dtype(s.calib_dtype, stored_dtype, device)
     itemsize = torch.empty(0, dtype=stored_dtype).element_size()
     hidden_size = model.config.hidden_size
     padded = sum(b.input_ids.numel() for b in batches)
-    activations = 4 * padded * hidden_size  # float32, every sample, on the host
+    activations = torch.empty(0, dtype=calib_dtype).element_size() * padded * hidden_size  # every sample, on the host
     layer_params = sum(p.numel() for p in layers[0].parameters())
     head = model.get_output_embeddings()  # never run by the front, so never materialised
     front_params = sum(p.numel() for n, p in model.named_parameters()
                        if not n.startswith(layers_path + ".") and (head is None or p is not head.weight))
     bundle = bundle_bytes(model, layers_path, quantizer, shapes, s.rank, stored_dtype, source_folder, s.max_shard_bytes)
     baseline = _rss()
-    probe = probe_layer(s, model, layers, batches[0], quantizer, device, stored_dtype)
+    probe = probe_layer(s, model, layers, batches[0], quantizer, device, stored_dtype, calib_dtype)
     on_host = device.type != "cuda"
     host_layer_phase = baseline + activations + layer_params * itemsize + (probe["host_bytes"] if on_host else 0)
     host_front_phase = baseline + activations + front_params * (itemsize + (4 if on_host else 0))
@@ -119,19 +120,20 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
 
 
 def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, batch: CalibrationBatch,
-                quantizer: Quantizer, device: torch.device, stored_dtype: torch.dtype) -> dict:
+                quantizer: Quantizer, device: torch.device, stored_dtype: torch.dtype,
+                calib_dtype: torch.dtype = CALIBRATION_DTYPE) -> dict:
     """Convert a random copy of layer 0 on one batch: seconds and peak bytes of each part of the real loop."""
-    front = _random_front(model, layers, device)
-    embed = _random_embedding(model.config.hidden_size, device)
+    front = _random_front(model, layers, device, calib_dtype)
+    embed = _random_embedding(model.config.hidden_size, device, calib_dtype)
     baseline = _reset_peaks(device)
     started = time.perf_counter()
-    hidden, calls = capture_layer_calls(model, layers, [batch], device, embed=embed)
+    hidden, calls = capture_layer_calls(model, layers, [batch], device, embed=embed, dtype=calib_dtype)
     front_seconds = time.perf_counter() - started
-    layer = _random_copy(layers[0], device)
+    layer = _random_copy(layers[0], device, calib_dtype)
     targets = select_targets(layer, s.target_modules)
-    accumulate_hessians(layer, targets, list(hidden), calls[0], [batch], device)  # warm-up
+    accumulate_hessians(layer, targets, list(hidden), calls[0], [batch], device, dtype=calib_dtype)  # warm-up
     started = time.perf_counter()
-    hessians = accumulate_hessians(layer, targets, hidden, calls[0], [batch], device)
+    hessians = accumulate_hessians(layer, targets, hidden, calls[0], [batch], device, dtype=calib_dtype)
     forward_seconds = time.perf_counter() - started
     started = time.perf_counter()
     groups: dict[str, GroupFactors] = {}  # shared per input group, as in the real loop
@@ -152,7 +154,7 @@ def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, bat
                 host_bytes=host_bytes, device_bytes=device_bytes)
 
 
-def _random_front(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> list:
+def _random_front(model: nn.Module, layers: nn.ModuleList, device: torch.device, dtype: torch.dtype) -> list:
     """Random values for the small parameters the front runs besides the embedding (absolute positions, norms)."""
     in_layers = {id(p) for p in layers.parameters()}
     skipped = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
@@ -161,21 +163,21 @@ def _random_front(model: nn.Module, layers: nn.ModuleList, device: torch.device)
         if id(param) in in_layers or id(param) in skipped:
             continue
         owner, _, leaf = name.rpartition(".")
-        value = nn.Parameter(torch.randn(param.shape, device=device, dtype=CALIBRATION_DTYPE) * 0.02, requires_grad=False)
+        value = nn.Parameter(torch.randn(param.shape, device=device, dtype=dtype) * 0.02, requires_grad=False)
         setattr(model.get_submodule(owner), leaf, value)
         kept.append(value)
     return kept
 
 
-def _random_embedding(hidden_size: int, device: torch.device):
+def _random_embedding(hidden_size: int, device: torch.device, dtype: torch.dtype):
     def embed(ids: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=device).manual_seed(0)
-        return torch.randn(*ids.shape, hidden_size, device=device, dtype=CALIBRATION_DTYPE, generator=generator)
+        return torch.randn(*ids.shape, hidden_size, device=device, dtype=dtype, generator=generator)
     return embed
 
 
-def _random_copy(layer: nn.Module, device: torch.device) -> nn.Module:
-    copied = copy.deepcopy(layer).to_empty(device=device).to(CALIBRATION_DTYPE)
+def _random_copy(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    copied = copy.deepcopy(layer).to_empty(device=device).to(dtype)
     with torch.no_grad():
         for param in copied.parameters():
             param.normal_(0.0, 0.02) if param.dim() > 1 else param.fill_(1.0)

@@ -63,7 +63,8 @@ def _baseline_error(E: Tensor, rank: int, H: Tensor, error_E: float) -> float:
 
 
 def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, modules: list[ModuleReport],
-                      batches: list[CalibrationBatch], rank_shares: list[dict], calibration_seconds: float,
+                      batches: list[CalibrationBatch], rank_shares: list[dict], calibration_dtype: str,
+                      calibration_seconds: float,
                       layer_seconds: list[float],
                       phase_seconds: dict[str, float], started: float, dropped_keys: list[str]) -> dict:
     import bitsandbytes
@@ -81,6 +82,7 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
         "quantization": {"bits": quantizer.bits, "type": quantizer.name},
         "settings": settings,
         "calibration": {"samples": sample_count(batches), "tokens": token_count(batches),
+                        "dtype": calibration_dtype,  # of the forward that produced X (H: float32 sums)
                         "world_size": len(rank_shares),
                         "ranks": rank_shares},  # per process (torchrun): {rank, samples, tokens} it calibrated on
         "summary": {"modules": len(modules), "error_nearest": nearest, "error_before": before, "error_after": after,

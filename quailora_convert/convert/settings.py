@@ -15,6 +15,8 @@ from ..errors import BadInputError
 # Seconds between resume points (each writes the next layer's inputs: 48 MB on SmolLM2, 8.6 GB for a 70B model at
 # 128 x 2048 tokens): a crash or a stop loses at most about this much work.
 DEFAULT_RESUME_INTERVAL = 60.0
+# auto: the checkpoint's bfloat16 where the device computes it fast (capture.calibration_dtype), else float32
+CALIB_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUN_ONLY_SETTINGS = ("overwrite", "resume", "resume_interval")  # how a run was started, not what it makes
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ class ConvertSettings:
     num_samples: int = 128
     seq_len: int = 512
     batch_size: int = 8
+    calib_dtype: str = "auto"  # dtype of the calibration forward: auto, float32, bfloat16, float16
     device: str = "auto"
     seed: int = 0
     revision: str | None = None
@@ -62,6 +65,8 @@ class ConvertSettings:
             raise BadInputError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
         if self.rounding not in ROUNDINGS:
             raise BadInputError(f"--rounding {self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise BadInputError(f"--calib-dtype {self.calib_dtype!r}: choose one of {', '.join(CALIB_DTYPES)}")
         if self.refine < 0:
             raise BadInputError(f"--refine must be >= 0, got {self.refine}")
         if not self.gptq_damp > 0:

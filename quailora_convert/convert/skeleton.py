@@ -14,7 +14,8 @@ from ..sources.checkpoint import CheckpointReader, KeyMap, release
 from .capture import CALIBRATION_DTYPE
 
 
-def build_skeleton(folder: Path, device: torch.device, trust_remote_code: bool) -> tuple[nn.Module, object]:
+def build_skeleton(folder: Path, device: torch.device, trust_remote_code: bool,
+                   dtype: torch.dtype = CALIBRATION_DTYPE) -> tuple[nn.Module, object]:
     """(model, tokenizer): the model on the meta device, its buffers (rotary tables) real on device.
 
     Attention is transformers' default: SDPA where the architecture supports it, else eager
@@ -26,7 +27,7 @@ def build_skeleton(folder: Path, device: torch.device, trust_remote_code: bool) 
     check_remote_code(folder, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=CALIBRATION_DTYPE, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
@@ -45,7 +46,7 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
 
 @contextmanager
 def front_materialized(model: nn.Module, layers_path: str, reader: CheckpointReader, key_map: KeyMap,
-                       device: torch.device) -> Iterator[None]:
+                       device: torch.device, dtype: torch.dtype = CALIBRATION_DTYPE) -> Iterator[None]:
     """Every parameter outside the decoder layers loaded (except the output head, never run), then released."""
     head = model.get_output_embeddings()
     head_weight = id(head.weight) if head is not None else None
@@ -56,7 +57,7 @@ def front_materialized(model: nn.Module, layers_path: str, reader: CheckpointRea
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         tensor = reader.get(key_map.checkpoint_key(name))
-        setattr(module, leaf, nn.Parameter(tensor.to(device, CALIBRATION_DTYPE), requires_grad=False))
+        setattr(module, leaf, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
         owners.add(owner)
     try:
         yield
