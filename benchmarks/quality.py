@@ -163,8 +163,12 @@ def evaluate(name: str, loader, heldout: dict[str, list[list[int]]], args, pad_i
     del model
     gc.collect()
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2, default=str))
+        _save(json_path, results)
     return row
+
+
+def _save(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=2, default=str))  # Paths (the settings) as strings
 
 
 def main() -> int:
@@ -206,14 +210,14 @@ def main() -> int:
                 results["builds"][str(out)] = build
             bundles.append(out)
             if args.json:
-                args.json.write_text(json.dumps(results, indent=2, default=str))
+                _save(args.json, results)
     if not bundles and not args.build_only:
         print("no bundles: give --bundles or --build-dir", file=sys.stderr)
     for bundle in bundles:
         results["bundles"][str(bundle)] = {**bundle_summary(bundle), "base_sha256_16": base_fingerprint(bundle),
                                            **results["builds"].get(str(bundle), {})}
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        _save(args.json, results)
     if args.build_only:
         print_tables(results, args)
         return 0
@@ -260,7 +264,7 @@ def main() -> int:
                  heldout, args, pad_id, results, args.json)
     print_tables(results, args)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        _save(args.json, results)
     return 0
 
 

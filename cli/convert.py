@@ -66,7 +66,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Replace an existing --out, and discard an interrupted run's state (OUT.quailora-work)."))] = DEFAULT["overwrite"],
     resume: Annotated[bool, typer.Option("--resume", help=(
-        "Continue an interrupted run (killed, out of memory, SIGTERM) from its last finished layer; the result is "
+        "Continue an interrupted run (killed, out of memory, SIGTERM) from its last resume point; the result is "
         "byte-identical to an uninterrupted run. Refused if the source, settings or versions differ."))] = DEFAULT["resume"],
     resume_interval: Annotated[float, typer.Option("--resume-interval", metavar="SECONDS", help=(
         "Seconds between resume points (each writes the next layer's inputs to disk); a crash or stop loses at "

@@ -38,7 +38,7 @@ from .architectures import find_decoder_layers, layer_targets, linear_modules, w
 from .capture import calibration_dtype, capture_layer_calls
 from .layer import LayerConverter
 from .phases import PhaseTimer
-from .plan import Plan, make_plan, process_start_time
+from .plan import Plan, make_plan, process_start_time, stored_dtype_of
 from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
 from .preflight import check_disk, check_rank
@@ -130,7 +130,7 @@ def open_source(settings: ConvertSettings, on_event: Listener = ignore,
 def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, ranks: Ranks, on_event: Listener,
              started: float, work: WorkFolder, state: dict | None) -> dict:
     device = ranks.device
-    dtype = calibration_dtype(s.calib_dtype, config_dtype(read_config(source.folder)), device)
+    dtype = calibration_dtype(s.calib_dtype, stored_dtype_of(source.folder), device)
     model, tokenizer, layers_path, layers, targets, shapes, reader, key_map = ranks.together(
         lambda: _open_skeleton(s, source, device, on_event, dtype))
     prints = fingerprint(asdict(s), source.folder, source.repo_id, source.commit, source.gguf, device)
@@ -192,7 +192,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
         reports = converter.convert(f"{layers_path}.{index}.", layers[index], targets[index], hidden, calls[index])
         state["layer_seconds"].append(time.perf_counter() - layer_started)
         state.update(next_layer=index + 1, reports=state["reports"] + [asdict(r) for r in reports],
-                     stored_dtypes=sorted(str(d).removeprefix("torch.") for d in converter.stored_dtypes))
+                     stored_dtypes=sorted(_dtype_name(d) for d in converter.stored_dtypes))
         last = index + 1 == len(layers)  # the finish follows at once
         if not last and ranks.from_main(time.perf_counter() - committed >= s.resume_interval):
             _commit(ranks, work, state, writer, hidden, timer)
