@@ -5,15 +5,17 @@ synthetic H (in, in) shaped like real activation moments: per-channel scales spr
 (log-normal, a few outlier channels) times a low-rank-plus-identity correlation,
     H = D (0.1 I + G G^T / k) D,  G (in, k) Gaussian, k = min(in, 1024).
 Solvers:
-- "cholesky + rsvd" (today): H + ridge I = L L^T (Cholesky), top-r of E L by randomized subspace iteration
-  (core.solvers.top_singular), M = [E L]_r L^-1 by a triangular solve;
+- "cholesky + rsvd" (today): H + ridge I = L L^T (Cholesky), E L without L's zero upper triangle
+  (core.solvers.times_lower), its top r by randomized subspace iteration (core.solvers.top_singular),
+  M = [E L]_r L^-1 by a triangular solve;
 - "eigh + svd" (before): eigendecomposition of H with eigenvalues floored at 1e-6 x their mean, full
   SVD of E L (the solver of commit 8405e27, copied below).
 Timed separately: factoring H (shared by the modules of an input group: q/k/v, gate/up) and the solve
 for one E. The objective is the calibrated error ||(E - M) L||^2 = tr((E - M) (H + ridge I) (E - M)^T)
-relative to plain NF4's (M = 0), with today's ridge (1e-6 x the mean eigenvalue) for both solvers; "vs
-previous" is today's objective over the previous solver's minus 1 (the previous one is the exact minimiser
-up to its damping, so this is the price of the randomized SVD). The previous solver is skipped where in > --old-max-in (an eigh of
+relative to plain NF4's (M = 0), with today's ridge (1e-6 x the mean eigenvalue) for both solvers; today's
+comes from the calibrated errors the solve returns (no more products). "vs previous" is today's objective
+over the previous solver's minus 1 (the previous one is the exact minimiser up to its damping, so this is
+the price of the randomized SVD). The previous solver is skipped where in > --old-max-in (an eigh of
 28672 x 28672 in float64 takes hours on a 2-core CPU).
 
     python benchmarks/solve.py                                  # the four default shapes, CPU
@@ -75,6 +77,17 @@ def damped_objective(E: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor) -
     return total
 
 
+def _damped_from_solve(E: torch.Tensor, low_rank, shift: float) -> tuple[float, float]:
+    """||E L||^2 and ||(E - M) L||^2 from the calibrated errors the solve returns (tr(D H D^T) = ||D L||^2 -
+    shift ||D||^2) instead of two more (out, in) x (in, in) products: at 8192 x 28672 each is ~1.3e13 flops."""
+    error_E, error_after = low_rank.calibrated
+    residual_squared = 0.0
+    for start in range(0, E.shape[0], 1024):
+        rows = E[start:start + 1024].double() - low_rank.left[start:start + 1024] @ low_rank.right
+        residual_squared += float((rows * rows).sum())
+    return error_E + shift * float((E.double() ** 2).sum()), error_after + shift * residual_squared
+
+
 def run_shape(out_features: int, in_features: int, rank: int, device: torch.device, old_max_in: int) -> dict:
     E, H = synthetic_problem(out_features, in_features, device)
     run_previous = in_features <= old_max_in
@@ -82,8 +95,8 @@ def run_shape(out_features: int, in_features: int, rank: int, device: torch.devi
     if not run_previous:
         del H  # the largest shape: keep one (in, in) float64 buffer, not three
     low_rank, solve_seconds = timed(lambda: solve_factored(E, factor, rank), device)
-    plain = damped_objective(E, None, factor.L)
-    today = damped_objective(E, low_rank.matrix(), factor.L) / plain
+    plain, today = _damped_from_solve(E, low_rank, factor.shift)
+    today /= plain
     row = {"shape": f"{out_features}x{in_features}", "rank": rank, "device": str(device),
            "factor_seconds": factor_seconds, "solve_seconds": solve_seconds, "relative_error": today}
     if run_previous:

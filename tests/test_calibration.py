@@ -7,7 +7,7 @@ import torch
 from quailora_convert.calibration.batches import make_batches, sample_token_sequences
 from quailora_convert.calibration.formats import format_alpaca
 from quailora_convert.calibration.texts import read_texts
-from quailora_convert.core.hessian import HessianSum, add_upper_triangle
+from quailora_convert.core.hessian import HessianSum, add_upper_triangle, triangle_block
 from quailora_convert.errors import BadInputError
 from tiny_models import byte_tokenizer
 
@@ -100,6 +100,7 @@ def test_triangular_hessian_update_equals_the_full_product(in_features, block):
     rows = torch.arange(in_features)
     below_diagonal_blocks = (rows[:, None] // block) > (rows[None, :] // block)
     assert blocks_below[below_diagonal_blocks].eq(0).all()  # half the work: those entries are never computed
+    assert [triangle_block(n) for n in (40, 576, 1536, 4096, 28672)] == [128, 128, 256, 768, 4864]
     summed = HessianSum(in_features, "cpu")
     for Xb in batches:
         summed.add(Xb.float(), None)

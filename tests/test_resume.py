@@ -135,13 +135,13 @@ def test_resume_points_come_at_the_interval(case, monkeypatch, interval, resume_
 
     _clean(case)
     recorded = []
-    commit = WorkFolder.commit
+    record = WorkFolder.record  # the state of a resume point, written once its activations are saved
 
     def recording(self, state, *args):
         recorded.append(state["next_layer"])
-        return commit(self, state, *args)
+        return record(self, state, *args)
 
-    monkeypatch.setattr(WorkFolder, "commit", recording)
+    monkeypatch.setattr(WorkFolder, "record", recording)
     source, calib = case["args"][0], case["args"][2]
     convert(ConvertSettings(model=str(source), out=case["out"], calib=str(calib), rank=8, num_samples=24, seq_len=48,
                             batch_size=4, max_shard_bytes=400_000, resume_interval=interval))

@@ -6,7 +6,7 @@ import torch
 
 from quailora_convert.core.lora import lora_scaling, to_peft
 from quailora_convert.core.solvers import (
-    calibrated_error, factor_hessian, solve, solve_als, solve_exact, solve_factored, svd_init, top_singular)
+    calibrated_error, factor_hessian, solve, solve_als, solve_exact, solve_factored, svd_init, times_lower, top_singular)
 
 
 def _problem(out=48, inp=96, tokens=400, seed=0, spread=3.0):
@@ -41,9 +41,10 @@ def test_als_objective_never_increases():
 def test_isotropic_h_reduces_to_plain_svd():
     E, _ = _problem(seed=1)
     H = 3.7 * torch.eye(E.shape[1], dtype=torch.float64)
-    for solver in ("exact", "als"):
+    best = _full_rank_r_residual(E, 6)  # the truncated SVD's ||E - M||^2
+    for solver in ("exact", "als", "svd"):
         M = solve(E, H, 6, solver).matrix()
-        assert torch.allclose(M, svd_init(E, 6).matrix(), atol=1e-9)
+        assert float(((E - M) ** 2).sum()) == pytest.approx(best, rel=1e-9), solver
 
 
 def test_exact_rank_r_error_is_recovered():
@@ -188,11 +189,27 @@ def test_small_matrices_top_r_from_the_gram_matrix_match_the_svd():
     g = torch.Generator().manual_seed(0)
     for shape in ((300, 120), (120, 300)):
         A = torch.randn(*shape, generator=g, dtype=torch.float64)
-        U, S, Vh = top_singular(A, 16)
-        U_full, S_full, Vh_full = torch.linalg.svd(A, full_matrices=False)
+        U, S, Vh = top_singular(A, 16)  # directions found in float32, made exact for their span in float64
+        S_full = torch.linalg.svdvals(A)
         assert torch.allclose(S, S_full[:16], rtol=1e-12)
-        assert torch.allclose((U * S) @ Vh, (U_full[:, :16] * S_full[:16]) @ Vh_full[:16], atol=1e-10)
+        residual = float(((A - (U * S) @ Vh) ** 2).sum())
+        assert residual == pytest.approx(float((S_full[16:] ** 2).sum()), rel=1e-9)  # the optimum
+        assert residual == pytest.approx(float((A * A).sum() - (S * S).sum()), rel=1e-12)  # what the solve reports
         assert torch.allclose(U.T @ U, torch.eye(16, dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(Vh @ Vh.T, torch.eye(16, dtype=torch.float64), atol=1e-10)
+
+
+def test_directions_that_leave_almost_nothing_are_found_in_float64():
+    """A matrix within 1e-8 of rank r: float32 cannot resolve the tiny residual, so the search is redone in
+    float64 and the top r come out as the full SVD's."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(200, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 150, generator=g, dtype=torch.float64)
+    A += 1e-8 * torch.randn(200, 150, generator=g, dtype=torch.float64)
+    U, S, Vh = top_singular(A, 8)
+    U_full, S_full, Vh_full = torch.linalg.svd(A, full_matrices=False)
+    assert torch.allclose((U * S) @ Vh, (U_full[:, :8] * S_full[:8]) @ Vh_full[:8], atol=1e-10)
+    residual = float(((A - (U * S) @ Vh) ** 2).sum())
+    assert residual == pytest.approx(float((S_full[8:] ** 2).sum()), rel=1e-6)
 
 
 def test_the_reports_baseline_error_equals_the_direct_product():
@@ -202,3 +219,13 @@ def test_the_reports_baseline_error_equals_the_direct_product():
         E, H = _problem(*shape, seed=21)
         direct = calibrated_error(E - svd_init(E, 16, BASELINE_POWER, False).matrix(), H)  # float64 throughout
         assert _baseline_error(E, 16, H, calibrated_error(E, H)) == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize("n,block", [(7, 16), (64, 16), (70, 16), (300, 128)])
+def test_the_product_with_a_lower_triangle_skips_only_zeros(n, block):
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(33, n, generator=g, dtype=torch.float64)
+    L = torch.tril(torch.randn(n, n, generator=g, dtype=torch.float64))
+    product = times_lower(A, L, block)
+    assert product.shape == (33, n) and product.dtype == torch.float64
+    assert torch.allclose(product, A @ L, rtol=0, atol=1e-12 * float((A @ L).abs().max()))

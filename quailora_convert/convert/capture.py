@@ -63,6 +63,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[C
                 del layer.forward
         if len(calls[-1]) != len(hidden):
             raise RuntimeError("the model's forward did not reach its last decoder layer")
+    _host_copies_done(device)
     return hidden, calls
 
 
@@ -85,7 +86,7 @@ def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], 
             arguments["use_cache"] = False
         calls.append(LayerCall({k: _offload(v, offloaded) for k, v in arguments.items()}))
         if index == 0:
-            hidden.append(hidden_states.detach().to("cpu", dtype))
+            hidden.append(to_host(hidden_states.detach(), dtype))
         if index == count - 1:
             raise _StopForward
         return (hidden_states,)  # ignored: only layer 0's input is kept
@@ -112,6 +113,21 @@ def _offload(value, offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]]):
     if isinstance(value, (tuple, list)):
         return type(value)(_offload(v, offloaded) for v in value)
     return value
+
+
+def to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor as dtype in host memory. From a CUDA device: into pinned memory, asynchronously, so the next
+    batch's kernels queue behind the copy instead of waiting for it (_host_copies_done before the host reads)."""
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu", dtype)
+    host = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
+    host.copy_(tensor.to(dtype), non_blocking=True)
+    return host
+
+
+def _host_copies_done(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def to_device(value, device: torch.device, moved: dict[int, torch.Tensor]):
@@ -161,9 +177,10 @@ def accumulate_hessians(layer: nn.Module, targets: dict[str, nn.Module], hidden:
                 moved: dict[int, torch.Tensor] = {}
                 kwargs = cast_floating(to_device(calls[b].kwargs, device, moved), dtype)
                 hooks.start_batch(batch.token_mask.to(device))
-                output = layer(hidden[b].to(device), **kwargs)
+                output = layer(hidden[b].to(device, non_blocking=hidden[b].is_pinned()), **kwargs)
                 output = output[0] if isinstance(output, (tuple, list)) else output
-                hidden[b] = output.to("cpu", dtype)
+                hidden[b] = to_host(output, dtype)
+        _host_copies_done(device)
     finally:
         hooks.remove()
     return InputHessians(hooks.leader, hooks.sums)

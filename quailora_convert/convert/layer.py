@@ -25,6 +25,7 @@ from .allocator import heap_for_forward
 from .architectures import linear_modules, weight_matrix
 from .capture import CALIBRATION_DTYPE, InputHessians, LayerCall, accumulate_hessians
 from .phases import PhaseTimer
+from .prefetch import LayerPrefetch
 from .ranks import Ranks
 from .report import ModuleReport, module_report
 from .settings import ConvertSettings
@@ -53,13 +54,17 @@ class LayerConverter:
     stored_dtypes: set[torch.dtype] = field(default_factory=set)  # of the decoder weights in the checkpoint
     ranks: Ranks = field(default_factory=Ranks)
     calib_dtype: torch.dtype = CALIBRATION_DTYPE  # the layers are materialised and run in it
+    prefetch: LayerPrefetch | None = None  # reads the next layer while this one runs
 
     def convert(self, prefix: str, layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
-                calls: list[LayerCall]) -> list[ModuleReport]:
+                calls: list[LayerCall], following: tuple[str, nn.Module] | None = None) -> list[ModuleReport]:
         """Convert the decoder layer at prefix ("model.layers.3."); hidden advances to its outputs.
+        following: the next layer's (prefix, meta layer), read ahead while this one runs (with a prefetch).
         With several ranks every rank calls it; rank 0 writes and returns the reports, the others return []."""
         ranks = self.ranks
         stored = ranks.together(lambda: self._read(prefix, layer))
+        if self.prefetch is not None and following is not None:
+            self.prefetch.schedule(*following)
         hessians = ranks.together(lambda: self._forward(layer, targets, hidden, calls))
         linears = linear_modules(layer)
         owner = self._share_hessians(hessians, linears, targets)
@@ -67,14 +72,15 @@ class LayerConverter:
         results: dict[str, LinearResult] = {}
         for part in ranks.gather(mine) or []:
             results.update(part)
-        reports = ranks.together(lambda: self._write(prefix, layer, linears, results) if ranks.main else [])
+        reports = ranks.on_main(lambda: self._write(prefix, layer, linears, results), elsewhere=[])
         release(layer)
         self.reader.release()
         return reports
 
     def _read(self, prefix: str, layer: nn.Module) -> dict[str, torch.dtype]:
-        with self.timer.phase("read"):
-            stored = materialize(layer, prefix, self.reader, self.key_map, self.device, self.calib_dtype)
+        with self.timer.phase("read"):  # the wait for a prefetched layer, or the whole read without one
+            read = self.prefetch.take(prefix) if self.prefetch is not None else None
+            stored = materialize(layer, prefix, self.reader, self.key_map, self.device, self.calib_dtype, read)
         if self.calib_dtype != CALIBRATION_DTYPE:  # a half dtype holds the weights exactly only if they are stored in it
             for name in linear_modules(layer):
                 if stored[f"{name}.weight"] != self.calib_dtype:

@@ -38,6 +38,7 @@ from .architectures import find_decoder_layers, layer_targets, linear_modules, w
 from .capture import calibration_dtype, capture_layer_calls
 from .layer import LayerConverter
 from .phases import PhaseTimer
+from .prefetch import LayerPrefetch
 from .plan import Plan, make_plan, process_start_time, stored_dtype_of
 from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
@@ -60,25 +61,28 @@ def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: M
     ranks = join_ranks(resolve_device(settings.device))
     try:
         with ranks.held_signals():
-            return _convert_as(ranks, settings, on_event if ranks.main else ignore, opened)
-    finally:
-        ranks.close()
+            bundle = _convert_as(ranks, settings, on_event if ranks.main else ignore, opened)
+    except BaseException:
+        ranks.close(finished=False)
+        raise
+    ranks.close(finished=True)
+    return bundle
 
 
 def _convert_as(ranks: Ranks, settings: ConvertSettings, on_event: Listener, opened: ModelSource | None) -> Path:
     quantizer = quantizer_for(settings.bits)
     work = WorkFolder(settings.out)
-    ranks.together(lambda: _lock(work, settings) if ranks.main else None)  # one writer per --out, before any read
+    ranks.on_main(lambda: _lock(work, settings))  # one writer per --out, before any read
     try:
         # again under the lock (a run that held it may have just finished), then the state to continue, if any
-        state = ranks.from_main(ranks.together(lambda: _take_over(work, settings, on_event) if ranks.main else None))
+        state = ranks.main_result(lambda: _take_over(work, settings, on_event))
         with ExitStack() as stack:
             source = ranks.together(lambda: opened if opened is not None
                                     else stack.enter_context(open_source(settings, on_event)))
             started = time.perf_counter() - source.open_seconds  # opening the source counts, whoever opened it
             on_event(SourceResolved(source.folder, source.repo_id, source.commit, source.gguf))
             report = _convert(settings, source, quantizer, ranks, on_event, started, work, state)
-        out = ranks.together(lambda: work.publish(settings.overwrite) if ranks.main else work.out)
+        out = ranks.on_main(lambda: work.publish(settings.overwrite), elsewhere=work.out)
     except BaseException as error:
         if ranks.main:
             leave(work, error)
@@ -150,7 +154,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
         work.save_calibration(batches)
         return batches
 
-    batches = ranks.from_main(ranks.together(lambda: calibration() if ranks.main else None))
+    batches = ranks.main_result(calibration)
     mine = [batches[b] for b in ranks.share(len(batches))]  # this rank's share
 
     on_event(Status("capturing calibration activations"))
@@ -164,44 +168,54 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
     hidden, calls = ranks.together(capture)
     writer = None
     if state is None:
-        def start_bundle() -> BundleWriter | None:
-            if not ranks.main:
-                return None
+        def start_bundle() -> BundleWriter:
             started_writer = BundleWriter(work.bundle, s.max_shard_bytes, header_bytes_for(
                 [adapter_key(p, f) for p in shapes for f in ("lora_A", "lora_B")]))
             _copy_outside_layers(started_writer, reader, key_map, layers_path)
             return started_writer
 
-        writer = ranks.together(start_bundle)
+        writer = ranks.on_main(start_bundle)
         state = {"fingerprint": prints, "layers": len(layers), "next_layer": 0, "reports": [], "stored_dtypes": [],
                  "layer_seconds": [], "calibration_seconds": time.perf_counter() - started,
                  "ranks": ranks.gather(_share_counts(ranks.rank, mine))}
         _commit(ranks, work, state, writer, hidden, timer)
     else:
-        writer = ranks.together(lambda: BundleWriter(work.bundle, s.max_shard_bytes, 0, state=state["bundle"])
-                                if ranks.main else None)
+        writer = ranks.on_main(lambda: BundleWriter(work.bundle, s.max_shard_bytes, 0, state=state["bundle"]))
         del hidden
         hidden = ranks.together(lambda: work.load_activations(state, ranks.rank, ranks.size))
     on_event(Calibrated(sample_count(batches), state["calibration_seconds"]))
 
-    converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
-                               {getattr(torch, name) for name in state["stored_dtypes"]}, ranks, dtype)
+    with LayerPrefetch(source.folder, key_map, pin=device.type == "cuda") as prefetch:
+        converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
+                                   {getattr(torch, name) for name in state["stored_dtypes"]}, ranks, dtype, prefetch)
+        _convert_layers(s, ranks, work, state, writer, converter, layers_path, layers, targets, hidden, calls,
+                        on_event)
+    state["phase_seconds"] = dict(timer.seconds)
+    opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
+    return ranks.on_main(lambda: _finish(s, source, quantizer, writer, opened, batches, state, converter.stored_dtypes,
+                                         started), elsewhere={})
+
+
+def _convert_layers(s: ConvertSettings, ranks: Ranks, work: WorkFolder, state: dict, writer: BundleWriter | None,
+                    converter: LayerConverter, layers_path: str, layers: nn.ModuleList,
+                    targets: list[dict[str, nn.Module]], hidden: list[torch.Tensor], calls: list[list],
+                    on_event: Listener) -> None:
+    """The decoder layers from state["next_layer"] on, each read while the one before it runs; a resume point
+    every --resume-interval seconds."""
     committed = time.perf_counter()
     for index in range(state["next_layer"], len(layers)):
         layer_started = time.perf_counter()
-        reports = converter.convert(f"{layers_path}.{index}.", layers[index], targets[index], hidden, calls[index])
+        following = (f"{layers_path}.{index + 1}.", layers[index + 1]) if index + 1 < len(layers) else None
+        reports = converter.convert(f"{layers_path}.{index}.", layers[index], targets[index], hidden, calls[index],
+                                    following)
         state["layer_seconds"].append(time.perf_counter() - layer_started)
         state.update(next_layer=index + 1, reports=state["reports"] + [asdict(r) for r in reports],
                      stored_dtypes=sorted(_dtype_name(d) for d in converter.stored_dtypes))
         last = index + 1 == len(layers)  # the finish follows at once
         if not last and ranks.from_main(time.perf_counter() - committed >= s.resume_interval):
-            _commit(ranks, work, state, writer, hidden, timer)
+            _commit(ranks, work, state, writer, hidden, converter.timer)
             committed = time.perf_counter()
         on_event(LayerConverted(index, len(layers), state["layer_seconds"][-1]))
-    state["phase_seconds"] = dict(timer.seconds)
-    opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
-    return ranks.together(lambda: _finish(s, source, quantizer, writer, opened, batches, state,
-                                          converter.stored_dtypes, started) if ranks.main else {})
 
 
 def _open_skeleton(s: ConvertSettings, source: ModelSource, device: torch.device, on_event: Listener,
@@ -227,21 +241,17 @@ def _share_counts(rank: int, batches: list[CalibrationBatch]) -> dict:
 
 def _commit(ranks: Ranks, work: WorkFolder, state: dict, writer: BundleWriter | None, hidden: list[torch.Tensor],
             timer: PhaseTimer) -> None:
-    """A resume point: every rank's next-layer inputs, then (rank 0) the synced bundle and the state."""
+    """A resume point: every rank's next-layer inputs, then (rank 0) the synced bundle and the state, which
+    names them. Stopped in between, the state still names the previous resume point's files, which are kept."""
     with timer.phase("write"):
-        if ranks.size == 1:
-            writer.sync()
-            state["phase_seconds"] = dict(timer.seconds)  # every commit records them; this commit's write is not in
-            work.commit(state, writer.state(), hidden)
-            return
         ranks.together(lambda: work.save_activations(state["next_layer"], hidden, ranks.rank, ranks.size))
 
         def record() -> None:
             writer.sync()
-            state["phase_seconds"] = dict(timer.seconds)
+            state["phase_seconds"] = dict(timer.seconds)  # every commit records them; this commit's write is not in
             work.record(state, writer.state(), ranks.size)
 
-        ranks.together(lambda: record() if ranks.main else None)
+        ranks.on_main(record)
 
 
 @dataclass

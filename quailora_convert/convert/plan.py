@@ -101,7 +101,8 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     baseline = _rss()
     probe = probe_layer(s, model, layers, batches[0], quantizer, device, stored_dtype, calib_dtype)
     on_host = device.type != "cuda"
-    host_layer_phase = baseline + activations + layer_params * itemsize + (probe["host_bytes"] if on_host else 0)
+    # a layer as stored in the shard maps, and the next one read ahead (convert.prefetch)
+    host_layer_phase = baseline + activations + 2 * layer_params * itemsize + (probe["host_bytes"] if on_host else 0)
     host_front_phase = baseline + activations + front_params * (itemsize + (4 if on_host else 0))
     largest_batch = max(b.input_ids.numel() for b in batches) * hidden_size * 4
     device_front_phase = front_params * 4 + 2 * largest_batch  # the front in float32, one batch in and out

@@ -133,15 +133,29 @@ class Ranks:
             raise error
         return result
 
+    def on_main(self, step: Callable[[], T], elsewhere: T | None = None) -> T | None:
+        """step() on rank 0 alone, under together() (its error ends every rank); the other ranks get elsewhere."""
+        return self.together(lambda: step() if self.main else elsewhere)
+
+    def main_result(self, step: Callable[[], T]) -> T:
+        """step() on rank 0 alone, its result on every rank (on_main, then from_main)."""
+        return self.from_main(self.on_main(step))
+
     def held_signals(self) -> ContextManager[None]:
         """Around a whole run with several ranks: stop signals wait for the next together(), where every
         rank stops at once (a rank stopped alone would leave the others waiting in a collective)."""
         return critical(finishes=True) if self.size > 1 else nullcontext()
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """Leave the process group. finished: every rank got here without an error, so they first wait for
+        each other: a rank that tore gloo down while a peer still held a connection to it was seen to abort
+        at exit (SIGABRT, "terminate called without an active exception"), once in CI. After an
+        error no barrier: a rank that failed alone must not wait on peers that may never arrive."""
         if self.owns_group:
             import torch.distributed as dist
 
+            if finished and self.size > 1:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

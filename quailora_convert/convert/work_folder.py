@@ -119,23 +119,11 @@ class WorkFolder:
         return [CalibrationBatch(tensors[f"{b}.input_ids"], tensors[f"{b}.attention_mask"])
                 for b in range(len(tensors) // 2)]
 
-    def commit(self, state: dict, bundle_state: dict, hidden: list[torch.Tensor]) -> None:
-        """Record a resume point: state (JSON) with the bundle's (already synced) state and the next layer's inputs."""
-        name = activations_name(state["next_layer"])
-        with critical():
-            _write_tensors(self.path / name, {str(b): h for b, h in enumerate(hidden)})
-            _write_json_atomic(self.path / STATE, {"format": STATE_FORMAT, **state, "activations": name,
-                                                   "bundle": bundle_state})
-            for stale in self.path.glob("activations-*"):  # earlier ones, and a .tmp a kill left
-                if stale.name != name:
-                    stale.unlink()
-
     def load_activations(self, state: dict, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
-        name = state["activations"] if world_size == 1 else activations_name(state["next_layer"], rank, world_size)
-        tensors = _read_tensors(self.path / name)
+        tensors = _read_tensors(self.path / activations_name(state["next_layer"], rank, world_size))
         return [tensors[str(b)] for b in range(len(tensors))]
 
-    # -- resume points of several ranks (torchrun): each rank's activations, then rank 0's state ---------------
+    # -- a resume point: each rank's activations (one rank alone, or several under torchrun), then rank 0's state
     def save_activations(self, next_layer: int, hidden: list[torch.Tensor], rank: int, world_size: int) -> None:
         """One rank's share of the next layer's inputs (a file of its own; the folder is rank 0's)."""
         with critical():

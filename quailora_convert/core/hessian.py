@@ -5,13 +5,16 @@ import torch
 from torch import Tensor
 
 
-TRIANGLE_BLOCK = 128  # rows of H per product: the upper block triangle costs n^2/2 + 64 n per token, not n^2
+# H's upper block triangle in about this many column blocks (of at least TRIANGLE_MIN_BLOCK): n^2 / 2 + n b / 2
+# multiply-adds per token instead of n^2, in few enough products to keep each one efficient
+TRIANGLE_BLOCKS = 6
+TRIANGLE_MIN_BLOCK = 128
 
 
 class HessianSum:
     """Raw float32 sum of x x^T over unmasked tokens, with the token count; normalised once.
 
-    H is symmetric, so add() updates only its upper triangle, a block of rows at a time; mean()
+    H is symmetric, so add() updates only its upper block triangle (add_upper_triangle); mean()
     mirrors it.
     """
 
@@ -34,13 +37,24 @@ class HessianSum:
         return H.div_(self.tokens)
 
 
-def add_upper_triangle(total: Tensor, X: Tensor, block: int = TRIANGLE_BLOCK) -> None:
-    """total (in, in) += the upper block triangle of X^T X for X (n, in): row blocks of `block` rows,
-    each from its diagonal block rightwards. Entries below the diagonal blocks are left as they were."""
+def triangle_block(in_features: int) -> int:
+    """Columns per product of add_upper_triangle: n / TRIANGLE_BLOCKS rounded up to a multiple of 128."""
+    per_block = -(-in_features // TRIANGLE_BLOCKS)
+    return max(TRIANGLE_MIN_BLOCK, -(-per_block // 128) * 128)
+
+
+def add_upper_triangle(total: Tensor, X: Tensor, block: int | None = None) -> None:
+    """total (in, in) += the upper block triangle of X^T X for X (n, in): column blocks of `block` columns
+    (triangle_block by default), each from the first row down to its diagonal block. Entries below the
+    diagonal blocks are left as they were.
+
+    Column blocks beat row blocks of 128 on 2 CPU cores (median of 25, 1319 tokens): 32.5 against 39.8 ms
+    at in 1536 (blocks of 256), 5.5 against 6.0 ms at 576 (128); the full product costs ~61 ms at 1536."""
     in_features = X.shape[1]
+    block = block or triangle_block(in_features)
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
-        total[start:stop, start:].addmm_(X[:, start:stop].T, X[:, start:])
+        total[:stop, start:stop].addmm_(X[:, :stop].T, X[:, start:stop])
 
 
 def select_tokens(x: Tensor, token_mask: Tensor | None) -> Tensor:

@@ -22,6 +22,9 @@ RIDGE_RETRIES = 8  # tenfold increases of the Cholesky ridge before giving up
 RSVD_MIN_RATIO = 8
 RSVD_MAX_POWER = 8  # power iterations before falling back to the full SVD
 RSVD_TOLERANCE = 1e-4  # stop when one iteration improves the rank-r residual by less than this, relatively
+# _full_svd searches the top-r directions in float32 unless they leave under this fraction of ||A||^2 unexplained
+FLOAT32_MIN_RESIDUAL = 1e-4
+LOWER_PRODUCT_BLOCK = 512  # columns per product in times_lower: about half the flops of a full product
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def solve_factored(E: Tensor, factor: HessianFactor, rank: int) -> LowRank:
     ||G||^2 - sum of the kept singular values squared.
     """
     E64 = _checked(E, rank)
-    G = E64 @ factor.L  # (out, in)
+    G = times_lower(E64, factor.L)  # (out, in) E L
     U, S, Vh = top_singular(G, rank)
     right = torch.linalg.solve_triangular(factor.L.T, Vh.T, upper=True).T  # Vh L^-1 (r, in)
     low_rank = _balanced(U * S, right)
@@ -111,6 +114,20 @@ def solve_factored(E: Tensor, factor: HessianFactor, rank: int) -> LowRank:
     calibrated = (G_squared - factor.shift * float((E64 * E64).sum()),
                   G_squared - float((S * S).sum()) - factor.shift * float((residual * residual).sum()))
     return LowRank(low_rank.left, low_rank.right, factor.ridge, calibrated)
+
+
+def times_lower(A: Tensor, L: Tensor, block: int = LOWER_PRODUCT_BLOCK) -> Tensor:
+    """A @ L for a lower-triangular L (n, n), skipping L's zero upper triangle: column block j of the product
+    needs only L's rows from j on. 0.72x (0.64x) the time of A @ L at 4096 x 4096 (4096 x 11008) in float64
+    on 2 cores (equal to 1e-15 relative: only the order of the sums changes)."""
+    n = L.shape[0]
+    if n <= block:
+        return A @ L
+    product = torch.empty(A.shape[0], n, dtype=torch.result_type(A, L), device=A.device)  # (m, n)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        product[:, start:stop] = A[:, start:] @ L[start:, start:stop]
+    return product
 
 
 def top_singular(A: Tensor, rank: int, seed: int = 0, max_power: int = RSVD_MAX_POWER,
@@ -145,19 +162,44 @@ def top_singular(A: Tensor, rank: int, seed: int = 0, max_power: int = RSVD_MAX_
 
 
 def _full_svd(A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The exact top-r triplets of A, from the eigendecomposition of its smaller Gram matrix: at 576 x 1536
-    in float64 on 2 cores 0.038 s against 0.169 s for the SVD, singular values equal to 1.3e-15 relative.
-    Only U S is exact where singular values vanish (U's columns there are zero), which is all callers use."""
+    """The top-r triplets of A from the eigendecomposition of its smaller Gram matrix (at 576 x 1536 in float64
+    on 2 cores 0.038 s against 0.169 s for the SVD).
+
+    The directions are found in float32 (the Gram product and eigh in half the time of float64's), then made
+    exact in A's precision for the subspace they span (Rayleigh-Ritz: an orthonormal basis V of it, the
+    eigendecomposition of (B V)^T (B V)), so ||A - U S V^T||^2 = ||A||^2 - sum S^2 holds to A's precision;
+    the subspace's float32 error enters the residual squared (the tests hold it to 1e-9 of the optimum).
+    Where the top r hold nearly all of A (a residual under FLOAT32_MIN_RESIDUAL of ||A||^2, beyond float32's
+    resolution) they are found again in float64. Only U S is exact where singular values vanish (U's columns
+    there are zero), which is all callers use."""
     tall = A.shape[0] >= A.shape[1]
     B = A if tall else A.T  # (long side, short side)
+    if A.dtype != torch.float64:
+        return _gram_top(B, rank, tall, B.dtype, A)
+    found = _gram_top(B, rank, tall, torch.float32, A)
+    total = float((B * B).sum())
+    if total - float((found[1] ** 2).sum()) >= FLOAT32_MIN_RESIDUAL * total:
+        return found
+    return _gram_top(B, rank, tall, torch.float64, A)
+
+
+def _gram_top(B: Tensor, rank: int, tall: bool, search_dtype: torch.dtype, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_full_svd with the directions searched in search_dtype."""
+    searched = B.to(search_dtype)
     try:
-        eigenvalues, V = torch.linalg.eigh(B.T @ B)  # ascending
+        _, V = torch.linalg.eigh(searched.T @ searched)  # ascending
     except torch.linalg.LinAlgError:  # eigh did not converge: the SVD's own algorithm
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         return U[:, :rank], S[:rank], Vh[:rank]
-    V = V[:, -rank:].flip(1)  # (short, r) right singular vectors of B, descending
-    S = eigenvalues[-rank:].flip(0).clamp_min(0).sqrt()  # (r,)
-    U = (B @ V) / torch.where(S > 0, S, torch.ones_like(S))  # (long, r)
+    V = V[:, -rank:].to(B.dtype)  # (short, r) the top r directions
+    if search_dtype != B.dtype:
+        V = torch.linalg.qr(V).Q  # orthonormal in B's precision
+    C = B @ V  # (long, r)
+    eigenvalues, W = torch.linalg.eigh(C.T @ C)  # (r, r) ascending: B's singular values on that subspace
+    W = W.flip(1)
+    S = eigenvalues.flip(0).clamp_min(0).sqrt()  # (r,)
+    U = (C @ W) / torch.where(S > 0, S, torch.ones_like(S))  # (long, r)
+    V = V @ W  # (short, r)
     return (U, S, V.T) if tall else (V, S, U.T)
 
 

@@ -131,14 +131,17 @@ class KeyMap:
 
 
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, key_map: KeyMap,
-                device: torch.device, dtype: torch.dtype) -> dict[str, torch.dtype]:
+                device: torch.device, dtype: torch.dtype,
+                read: dict[str, torch.Tensor] | None = None) -> dict[str, torch.dtype]:
     """Load module's own parameters from the checkpoint onto device as dtype (float only).
 
-    Returns each parameter's stored dtype, by name relative to module.
+    read: the parameters already read (by name relative to module, as stored; a prefetch), else they are
+    read here. Pinned host tensors go to the device asynchronously. Returns each parameter's stored dtype,
+    by name relative to module.
     """
     stored: dict[str, torch.dtype] = {}
     for name, param in list(module.named_parameters()):
-        tensor = reader.get(key_map.checkpoint_key(f"{prefix}{name}"))
+        tensor = read[name] if read is not None else reader.get(key_map.checkpoint_key(f"{prefix}{name}"))
         if tensor.shape != param.shape:
             raise UnsupportedModelError(
                 f"{prefix}{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(param.shape)}"
@@ -146,7 +149,8 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, key_ma
         stored[name] = tensor.dtype
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        setattr(owner, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        on_device = tensor.to(device=device, dtype=dtype, non_blocking=tensor.is_pinned())
+        setattr(owner, leaf, nn.Parameter(on_device, requires_grad=False))
     return stored
 
 
