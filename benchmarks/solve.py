@@ -67,12 +67,12 @@ def timed(fn, device: torch.device):
     return result, time.perf_counter() - started
 
 
-def damped_objective(E: torch.Tensor, M: torch.Tensor | None, L: torch.Tensor) -> float:
+def damped_objective(E: torch.Tensor, M: torch.Tensor, L: torch.Tensor) -> float:
     """||(E - M) L||^2 = tr((E - M) (H + ridge I) (E - M)^T), in row blocks (no (out, in) float64 copy of E - M)."""
     total = 0.0
     for start in range(0, E.shape[0], 1024):
         rows = E[start:start + 1024].double()
-        R = (rows if M is None else rows - M[start:start + 1024]) @ L  # (rows, in)
+        R = (rows - M[start:start + 1024]) @ L  # (rows, in)
         total += float((R * R).sum())
     return total
 

@@ -149,6 +149,39 @@ def test_resume_points_come_at_the_interval(case, monkeypatch, interval, resume_
     _assert_same_bundle(case["out"], case["reference"])
 
 
+def test_a_signal_while_a_resume_point_is_written_keeps_that_point(case, monkeypatch):
+    """A stop that arrives while the activations are saved takes effect once the state names them: the run
+    resumes from that very point (not the one before), and the bytes are the uninterrupted run's."""
+    from quailora_convert.convert.pipeline import convert
+    from quailora_convert.convert.settings import ConvertSettings
+    from quailora_convert.convert.work_folder import WorkFolder
+    from quailora_convert.errors import Interrupted
+    from quailora_convert.stopping import stop_on_signals
+
+    _clean(case)
+    save = WorkFolder.save_activations
+
+    def signalled_while_saving(self, next_layer, *args):
+        if next_layer == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the resume point's critical section
+        return save(self, next_layer, *args)
+
+    monkeypatch.setattr(WorkFolder, "save_activations", signalled_while_saving)
+    source, calib = case["args"][0], case["args"][2]
+    settings = dict(model=str(source), out=case["out"], calib=str(calib), rank=8, num_samples=24, seq_len=48,
+                    batch_size=4, max_shard_bytes=400_000, resume_interval=0)
+    with stop_on_signals(), pytest.raises(Interrupted, match="interrupted at layer 3/6"):
+        convert(ConvertSettings(**settings))
+    state = json.loads((_work(case) / "state.json").read_text())
+    assert state["next_layer"] == 2 and (_work(case) / state["activations"]).exists()
+    assert not case["out"].exists()
+
+    monkeypatch.setattr(WorkFolder, "save_activations", save)
+    convert(ConvertSettings(**settings, resume=True))
+    _assert_same_bundle(case["out"], case["reference"])
+
+
 def test_resume_refuses_other_settings_in_one_line(case):
     _clean(case)
     process = _start(case)

@@ -212,6 +212,25 @@ def test_directions_that_leave_almost_nothing_are_found_in_float64():
     assert residual == pytest.approx(float((S_full[8:] ** 2).sum()), rel=1e-6)
 
 
+def test_directions_below_float32_rounding_are_found_in_float64():
+    """One dominant direction and a long tail 1e-7 of its size: the tail leaves plenty unexplained, but float32
+    cannot tell the tail's directions apart (they are under its rounding of the Gram matrix), so directions 2..r
+    are searched in float64 and the residual is the optimum's (float32 alone left it ~1% above)."""
+    g = torch.Generator().manual_seed(7)
+    m, n, rank = 1200, 1100, 16
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q  # (m, n)
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q  # (n, n)
+    S = (1e-7 * (0.25 + 2 * torch.rand(n, generator=g, dtype=torch.float64))).sqrt()
+    S[0] = 1.0
+    S = S.sort(descending=True).values
+    A = (U * S) @ V.T
+    U_r, S_r, Vh_r = top_singular(A, rank)
+    residual = float(((A - (U_r * S_r) @ Vh_r) ** 2).sum())
+    optimum = float((S[rank:] ** 2).sum())
+    assert optimum > 1e-4 * float((S * S).sum())  # the tail alone would have passed a residual test
+    assert residual == pytest.approx(optimum, rel=1e-9)
+
+
 def test_the_reports_baseline_error_equals_the_direct_product():
     from quailora_convert.convert.report import BASELINE_POWER, _baseline_error
 

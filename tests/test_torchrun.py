@@ -157,3 +157,62 @@ def test_resuming_with_another_number_of_processes_is_refused_in_one_line(runs):
     assert alone.returncode == 2
     lines = [line for line in alone.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "world_size: 2 -> null" in lines[0] and "--overwrite" in lines[0], alone.stderr
+
+
+def _finish_rank(rank: int, port: int, settings: dict, outcomes) -> None:
+    """One of two ranks (spawned): rank 0's ConversionDone listener raises; rank 1 gets SIGTERM while the
+    ranks part after the bundle is published. Puts (rank, what convert did) on outcomes."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from quailora_convert.convert.pipeline import convert
+    from quailora_convert.convert.ranks import Ranks
+    from quailora_convert.convert.settings import ConvertSettings
+    from quailora_convert.events import ConversionDone
+    from quailora_convert.stopping import stop_on_signals
+
+    close = Ranks.close
+
+    def signalled_close(self, finished):
+        if finished and self.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        return close(self, finished)
+
+    def listener(event):
+        if isinstance(event, ConversionDone):
+            raise RuntimeError("the listener failed")
+
+    Ranks.close = signalled_close
+    try:
+        with stop_on_signals():
+            out = convert(ConvertSettings(**settings), on_event=listener)
+        outcomes.put((rank, f"returned {out}"))
+    except BaseException as error:  # noqa: BLE001 - reported to the test
+        outcomes.put((rank, f"raised {type(error).__name__}: {error}"))
+
+
+def test_the_ranks_part_before_the_listener_hears_and_a_late_signal_is_dropped(runs):
+    """Rank 0's ConversionDone listener runs after the ranks left the group (its error cannot leave rank 1
+    waiting); a signal that reaches a rank after the bundle was published does not turn the run into a stop."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = runs["root"] / "finish"
+    source, calib = runs["args"][0], runs["args"][2]
+    settings = dict(model=str(source), out=out, calib=str(calib), rank=8, num_samples=24, seq_len=48,
+                    batch_size=4, device="cpu", max_shard_bytes=400_000)
+    context = multiprocessing.get_context("spawn")
+    outcomes = context.Queue()
+    ranks = [context.Process(target=_finish_rank, args=(r, port, settings, outcomes)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=300)
+        assert process.exitcode == 0, process.exitcode
+    said = dict(outcomes.get(timeout=5) for _ in ranks)
+    assert said == {0: "raised RuntimeError: the listener failed", 1: f"returned {out}"}
+    for shard in sorted(p.name for p in runs["single"].glob("model*.safetensors")):
+        assert (runs["single"] / shard).read_bytes() == (out / shard).read_bytes(), shard

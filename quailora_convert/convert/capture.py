@@ -17,6 +17,7 @@ from torch import nn
 
 from ..calibration.batches import CalibrationBatch
 from ..core.hessian import HessianSum
+from .host_memory import pinned
 from .phases import PhaseTimer
 
 CALIBRATION_DTYPE = torch.float32  # the paper's X comes from the full-precision model (--calib-dtype float32)
@@ -116,12 +117,13 @@ def _offload(value, offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]]):
 
 
 def to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """tensor as dtype in host memory. From a CUDA device: into pinned memory, asynchronously, so the next
-    batch's kernels queue behind the copy instead of waiting for it (_host_copies_done before the host reads)."""
+    """tensor as dtype in host memory. From a CUDA device: into pinned memory (within its budget,
+    host_memory), asynchronously, so the next batch's kernels queue behind the copy instead of waiting for
+    it (_host_copies_done before the host reads)."""
     if tensor.device.type != "cuda":
         return tensor.to("cpu", dtype)
-    host = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
-    host.copy_(tensor.to(dtype), non_blocking=True)
+    host = pinned(tensor.shape, dtype)
+    host.copy_(tensor.to(dtype), non_blocking=host.is_pinned())
     return host
 
 

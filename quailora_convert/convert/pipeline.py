@@ -33,9 +33,11 @@ from ..events import Calibrated, ConversionDone, LayerConverted, Listener, Sourc
 from ..model_card import render_model_card
 from ..sources.checkpoint import CheckpointReader, KeyMap, transformers_renaming
 from ..sources.resolve import ModelSource, open_model
+from ..stopping import critical
 from .allocator import heap_for_forward
 from .architectures import find_decoder_layers, layer_targets, linear_modules, weight_matrix
 from .capture import calibration_dtype, capture_layer_calls
+from .host_memory import pinned_scope
 from .layer import LayerConverter
 from .phases import PhaseTimer
 from .prefetch import LayerPrefetch
@@ -60,16 +62,20 @@ def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: M
     settings.validate()
     ranks = join_ranks(resolve_device(settings.device))
     try:
-        with ranks.held_signals():
-            bundle = _convert_as(ranks, settings, on_event if ranks.main else ignore, opened)
+        # several ranks: a signal after the last together() is dropped (published); pinned host memory freed
+        with ranks.held_signals(), pinned_scope(ranks.device):
+            bundle, report = _convert_as(ranks, settings, on_event if ranks.main else ignore, opened)
+            ranks.close(finished=True)
     except BaseException:
         ranks.close(finished=False)
         raise
-    ranks.close(finished=True)
+    if ranks.main:  # after the ranks parted: a listener's error cannot leave a peer waiting
+        on_event(ConversionDone(bundle, report))
     return bundle
 
 
-def _convert_as(ranks: Ranks, settings: ConvertSettings, on_event: Listener, opened: ModelSource | None) -> Path:
+def _convert_as(ranks: Ranks, settings: ConvertSettings, on_event: Listener,
+                opened: ModelSource | None) -> tuple[Path, dict]:
     quantizer = quantizer_for(settings.bits)
     work = WorkFolder(settings.out)
     ranks.on_main(lambda: _lock(work, settings))  # one writer per --out, before any read
@@ -87,8 +93,7 @@ def _convert_as(ranks: Ranks, settings: ConvertSettings, on_event: Listener, ope
         if ranks.main:
             leave(work, error)
         raise
-    on_event(ConversionDone(out, report))
-    return out
+    return out, report
 
 
 def _lock(work: WorkFolder, settings: ConvertSettings) -> None:
@@ -242,8 +247,9 @@ def _share_counts(rank: int, batches: list[CalibrationBatch]) -> dict:
 def _commit(ranks: Ranks, work: WorkFolder, state: dict, writer: BundleWriter | None, hidden: list[torch.Tensor],
             timer: PhaseTimer) -> None:
     """A resume point: every rank's next-layer inputs, then (rank 0) the synced bundle and the state, which
-    names them. Stopped in between, the state still names the previous resume point's files, which are kept."""
-    with timer.phase("write"):
+    names them. One critical section: a stop signal that arrives meanwhile takes effect once the state is
+    recorded (with several ranks, at together()'s points as always)."""
+    with timer.phase("write"), critical():
         ranks.together(lambda: work.save_activations(state["next_layer"], hidden, ranks.rank, ranks.size))
 
         def record() -> None:

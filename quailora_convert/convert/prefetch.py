@@ -5,8 +5,8 @@ otherwise stall the device.
 The thread has its own CheckpointReader (file handles are not shared between threads) and releases its
 memory maps after each layer, as the pipeline does with its own. What it reads is checked exactly as a
 synchronous read is (CheckpointReader.get: unreadable or non-finite tensors are errors), and an error
-surfaces where the layer is taken, in the main thread. On CUDA the tensors land in pinned host memory, so
-their copy to the device can run asynchronously.
+surfaces where the layer is taken, in the main thread. On CUDA the tensors land in pinned host memory
+(host_memory: within its budget), so their copy to the device can run asynchronously.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..sources.checkpoint import CheckpointReader, KeyMap
+from ..sources.checkpoint import CheckpointReader, KeyMap, read_parameter
+from .host_memory import pinned_copy
 
 
 class LayerPrefetch:
@@ -57,8 +58,8 @@ class LayerPrefetch:
 
     def _read(self, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
         try:
-            tensors = {name: self._reader.get(self._key_map.checkpoint_key(f"{prefix}{name}")) for name in names}
-            return {name: t.pin_memory() for name, t in tensors.items()} if self._pin else tensors
+            tensors = {name: read_parameter(self._reader, self._key_map, prefix, name) for name in names}
+            return {name: pinned_copy(t) for name, t in tensors.items()} if self._pin else tensors
         finally:
             self._reader.release()  # as the pipeline does after each layer: the maps' resident pages go
 

@@ -22,8 +22,10 @@ RIDGE_RETRIES = 8  # tenfold increases of the Cholesky ridge before giving up
 RSVD_MIN_RATIO = 8
 RSVD_MAX_POWER = 8  # power iterations before falling back to the full SVD
 RSVD_TOLERANCE = 1e-4  # stop when one iteration improves the rank-r residual by less than this, relatively
-# _full_svd searches the top-r directions in float32 unless they leave under this fraction of ||A||^2 unexplained
-FLOAT32_MIN_RESIDUAL = 1e-4
+# _full_svd keeps its float32 search only where float32 resolves it: the r-th direction's share of the Gram matrix
+# (S[r-1]^2 / S[0]^2) and the part the top r leave unexplained (of ||A||^2) both at least this, far above float32's
+# rounding (6e-8 of the largest eigenvalue); else the directions are searched again in float64
+FLOAT32_MIN_SHARE = 1e-4
 LOWER_PRODUCT_BLOCK = 512  # columns per product in times_lower: about half the flops of a full product
 
 
@@ -169,28 +171,38 @@ def _full_svd(A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     exact in A's precision for the subspace they span (Rayleigh-Ritz: an orthonormal basis V of it, the
     eigendecomposition of (B V)^T (B V)), so ||A - U S V^T||^2 = ||A||^2 - sum S^2 holds to A's precision;
     the subspace's float32 error enters the residual squared (the tests hold it to 1e-9 of the optimum).
-    Where the top r hold nearly all of A (a residual under FLOAT32_MIN_RESIDUAL of ||A||^2, beyond float32's
-    resolution) they are found again in float64. Only U S is exact where singular values vanish (U's columns
-    there are zero), which is all callers use."""
+    Where float32 cannot resolve them (FLOAT32_MIN_SHARE: a direction among the top r, or the residual, below
+    its rounding) they are found again in float64. Only U S is exact where singular values vanish (U's
+    columns there are zero), which is all callers use."""
     tall = A.shape[0] >= A.shape[1]
     B = A if tall else A.T  # (long side, short side)
     if A.dtype != torch.float64:
-        return _gram_top(B, rank, tall, B.dtype, A)
-    found = _gram_top(B, rank, tall, torch.float32, A)
-    total = float((B * B).sum())
-    if total - float((found[1] ** 2).sum()) >= FLOAT32_MIN_RESIDUAL * total:
+        return _gram_top(B, rank, tall, B.dtype, A)[0]
+    found, total = _gram_top(B, rank, tall, torch.float32, A)
+    S = found[1]
+    resolved = float(S[-1]) ** 2 >= FLOAT32_MIN_SHARE * float(S[0]) ** 2
+    if resolved and total - float((S * S).sum()) >= FLOAT32_MIN_SHARE * total:
         return found
-    return _gram_top(B, rank, tall, torch.float64, A)
+    return _gram_top(B, rank, tall, torch.float64, A)[0]
 
 
-def _gram_top(B: Tensor, rank: int, tall: bool, search_dtype: torch.dtype, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """_full_svd with the directions searched in search_dtype."""
-    searched = B.to(search_dtype)
+def _gram_top(B: Tensor, rank: int, tall: bool, search_dtype: torch.dtype,
+              A: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], float]:
+    """_full_svd with the directions searched in search_dtype; also ||B||^2 as the Gram matrix's trace."""
+    if search_dtype == B.dtype:
+        scale, searched = 1.0, B
+    else:  # scaled to a largest |value| of 1 as it is cast: nothing under- or overflows in the Gram product
+        scale = float(torch.linalg.vector_norm(B, float("inf"))) or 1.0
+        searched = torch.empty(B.shape, dtype=search_dtype, device=B.device)
+        torch.mul(B, 1 / scale, out=searched)
+    gram = searched.T @ searched  # (short, short)
+    total = float(gram.diagonal().sum(dtype=torch.float64)) * scale * scale
     try:
-        _, V = torch.linalg.eigh(searched.T @ searched)  # ascending
+        _, V = torch.linalg.eigh(gram)  # ascending
     except torch.linalg.LinAlgError:  # eigh did not converge: the SVD's own algorithm
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-        return U[:, :rank], S[:rank], Vh[:rank]
+        return (U[:, :rank], S[:rank], Vh[:rank]), total
+    del gram, searched
     V = V[:, -rank:].to(B.dtype)  # (short, r) the top r directions
     if search_dtype != B.dtype:
         V = torch.linalg.qr(V).Q  # orthonormal in B's precision
@@ -200,7 +212,7 @@ def _gram_top(B: Tensor, rank: int, tall: bool, search_dtype: torch.dtype, A: Te
     S = eigenvalues.flip(0).clamp_min(0).sqrt()  # (r,)
     U = (C @ W) / torch.where(S > 0, S, torch.ones_like(S))  # (long, r)
     V = V @ W  # (short, r)
-    return (U, S, V.T) if tall else (V, S, U.T)
+    return ((U, S, V.T) if tall else (V, S, U.T)), total
 
 
 def solve_als(E: Tensor, H: Tensor, rank: int, steps: int = 20) -> LowRank:

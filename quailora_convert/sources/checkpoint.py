@@ -130,6 +130,11 @@ class KeyMap:
         return self.to_model.get(checkpoint_key, checkpoint_key)
 
 
+def read_parameter(reader: CheckpointReader, key_map: KeyMap, prefix: str, name: str) -> torch.Tensor:
+    """The parameter name of the module at prefix ("model.layers.3."), as stored in the checkpoint."""
+    return reader.get(key_map.checkpoint_key(f"{prefix}{name}"))
+
+
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, key_map: KeyMap,
                 device: torch.device, dtype: torch.dtype,
                 read: dict[str, torch.Tensor] | None = None) -> dict[str, torch.dtype]:
@@ -141,7 +146,7 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, key_ma
     """
     stored: dict[str, torch.dtype] = {}
     for name, param in list(module.named_parameters()):
-        tensor = read[name] if read is not None else reader.get(key_map.checkpoint_key(f"{prefix}{name}"))
+        tensor = read[name] if read is not None else read_parameter(reader, key_map, prefix, name)
         if tensor.shape != param.shape:
             raise UnsupportedModelError(
                 f"{prefix}{name}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(param.shape)}"
