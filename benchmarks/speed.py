@@ -6,12 +6,15 @@ The reference is a bare full-precision (float32) forward pass of the same model 
 calibration tokens (the library's own draw: read_texts, sample_token_sequences, make_batches with the
 conversion's settings), on the same device, in its own process, under torch.no_grad(), timed after a
 warm-up batch: the decoder only (model.model: what a conversion runs) and, for reference, with the
-output head. Forward passes are timed before the first and after the last conversion; the median is
-the denominator.
+output head. With --repeat N the conversions run in N rounds, and a forward pass is timed before each
+round and after the last, so that every conversion sits between two forward passes (a shared host
+drifts by 10% within an hour):
 
-    ratio = conversion wall seconds (process start to exit) / decoder forward seconds
+    ratio = median conversion wall seconds (process start to exit) / median decoder forward seconds
+    adjacent ratios = each conversion over the mean of the forward passes just before and after it
 
     python benchmarks/speed.py --json /tmp/speed.json                       # SmolLM2, CPU, defaults
+    python benchmarks/speed.py --repeat 3 --json /tmp/speed.json            # 3 conversions, 4 forwards
     python benchmarks/speed.py --variant "" --variant "--rounding nearest --refine 0"
 """
 from __future__ import annotations
@@ -90,6 +93,17 @@ def time_conversion(args, variant: str, out: Path) -> dict:
             "tokens": report["calibration"]["tokens"], "relative_error_after": report["summary"]["relative_error_after"]}
 
 
+def _summary(variant: str, conversions: list[dict], forward_seconds: list[float], decoder: float) -> dict:
+    """One variant's rounds: median wall and phases, the ratio of medians, and each round's adjacent ratio
+    (round i ran between forward passes i and i + 1)."""
+    walls = [c["wall_seconds"] for c in conversions]
+    middle = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]  # the median round's phases
+    return {"variant": variant or "(defaults)", "rounds": conversions, "wall_seconds": statistics.median(walls),
+            "ratio": statistics.median(walls) / decoder, "phase_seconds": conversions[middle]["phase_seconds"],
+            "adjacent_ratios": [w / statistics.mean(forward_seconds[i:i + 2]) for i, w in enumerate(walls)],
+            "relative_error_after": conversions[middle]["relative_error_after"]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEFAULT_SOURCE)
@@ -100,6 +114,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of conversions, each followed by a forward pass")
     p.add_argument("--json", type=Path)
     p.add_argument("--forward-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -110,26 +125,30 @@ def main() -> int:
         raise SystemExit(f"{args.calib}: calibration file not found (it lives in the workplace's ../shared)")
     variants = args.variant if args.variant is not None else [""]
     forwards = [time_forward(args)]
-    conversions = []
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
     with tempfile.TemporaryDirectory(prefix="quailora-speed-") as tmp:
-        for i, variant in enumerate(variants):
-            conversions.append(time_conversion(args, variant, Path(tmp) / f"bundle{i}"))
-            print(json.dumps(conversions[-1]), flush=True)
-    forwards.append(time_forward(args))
-    decoder = statistics.median(f["decoder_seconds"] for f in forwards)
+        for round_index in range(args.repeat):
+            for i, variant in enumerate(variants):
+                runs[variant].append(time_conversion(args, variant, Path(tmp) / f"bundle{i}"))
+                print(json.dumps(runs[variant][-1]), flush=True)
+            forwards.append(time_forward(args))
+            print(json.dumps({"forward": forwards[-1]}), flush=True)
+    seconds = [f["decoder_seconds"] for f in forwards]
+    decoder = statistics.median(seconds)
     with_head = statistics.median(f["with_head_seconds"] for f in forwards)
     print(f"bare float32 forward over {forwards[0]['tokens']} tokens: decoder {decoder:.1f} s "
-          f"({[round(f['decoder_seconds'], 1) for f in forwards]}), with head {with_head:.1f} s")
-    phases = list(conversions[0]["phase_seconds"])
-    print("| variant | wall s | ratio to forward | " + " | ".join(phases) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in phases) + " |")
-    for c in conversions:
-        c["ratio"] = c["wall_seconds"] / decoder
-        print(f"| {c['variant']} | {c['wall_seconds']:.0f} | {c['ratio']:.2f} | "
-              + " | ".join(f"{c['phase_seconds'][k]:.1f}" for k in phases) + " |")
+          f"({[round(s, 1) for s in seconds]}), with head {with_head:.1f} s")
+    summaries = [_summary(variant, conversions, seconds, decoder) for variant, conversions in runs.items()]
+    phases = list(summaries[0]["phase_seconds"])
+    print("| variant | wall s | ratio to forward | adjacent ratios | " + " | ".join(phases) + " |")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in phases) + " |")
+    for s in summaries:
+        print(f"| {s['variant']} | {s['wall_seconds']:.0f} | {s['ratio']:.2f} | "
+              f"{', '.join(f'{r:.2f}' for r in s['adjacent_ratios'])} | "
+              + " | ".join(f"{s['phase_seconds'][k]:.1f}" for k in phases) + " |")
     if args.json:
         args.json.write_text(json.dumps({"forwards": forwards, "decoder_seconds": decoder,
-                                         "with_head_seconds": with_head, "conversions": conversions}, indent=2))
+                                         "with_head_seconds": with_head, "conversions": summaries}, indent=2))
     return 0
 
 
