@@ -3,10 +3,11 @@
 For each --variant (extra CLI options; "" = the defaults) the quailora-convert console script converts
 --model as a user runs it, in its own process, and the bundle report's per-phase seconds are read back.
 The reference is a bare full-precision (float32) forward pass of the same model over the same
-calibration tokens (the library's own draw: read_texts, sample_token_sequences, make_batches with the
-conversion's settings), on the same device, in its own process, under torch.no_grad(), timed after a
-warm-up batch: the decoder only (model.model: what a conversion runs) and, for reference, with the
-output head. With --repeat N the conversions run in N rounds, and a forward pass is timed before each
+calibration tokens in the same batches (the library's own draw: read_texts, sample_token_sequences,
+longest_first, make_batches with the conversion's settings), on the same device, in its own process,
+under torch.no_grad(), timed after a warm-up batch: the decoder only (model.model: what a conversion
+runs) and, for reference, with the output head, and the decoder over the drawn order's batches (what
+conversions before longest-first batching ran: about twice the padded positions on SmolLM2). With --repeat N the conversions run in N rounds, and a forward pass is timed before each
 round and after the last, so that every conversion sits between two forward passes (a shared host
 drifts by 10% within an hour):
 
@@ -40,20 +41,23 @@ def forward_child(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quailora_convert.calibration.batches import make_batches, pad_token_id, sample_token_sequences
+    from quailora_convert.calibration.batches import longest_first, make_batches, pad_token_id, sample_token_sequences
     from quailora_convert.calibration.texts import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     texts = read_texts(str(args.calib), max_records=2 * args.num_samples, seed=args.seed)
     sequences = sample_token_sequences(texts, tokenizer, args.num_samples, args.seq_len, args.seed)
-    batches = make_batches(sequences, args.batch_size, pad_token_id(tokenizer))
     device = torch.device(args.device)
+    drawn = make_batches(sequences, args.batch_size, pad_token_id(tokenizer))  # before longest-first batching
+    batches = make_batches(longest_first(sequences), args.batch_size, pad_token_id(tokenizer))  # the conversion's
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     model.eval()
     result = {"tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
-              "padded_tokens": int(sum(b.input_ids.numel() for b in batches))}
+              "padded_tokens": int(sum(b.input_ids.numel() for b in batches)),
+              "drawn_order_padded_tokens": int(sum(b.input_ids.numel() for b in drawn))}
     with torch.no_grad():
-        for name, run in (("decoder", model.model), ("with_head", model)):
+        for name, run, batches in (("decoder", model.model, batches), ("with_head", model, batches),
+                                   ("drawn_order_decoder", model.model, drawn)):
             first = batches[0]
             run(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device), use_cache=False)
             if device.type == "cuda":
@@ -136,8 +140,10 @@ def main() -> int:
     seconds = [f["decoder_seconds"] for f in forwards]
     decoder = statistics.median(seconds)
     with_head = statistics.median(f["with_head_seconds"] for f in forwards)
-    print(f"bare float32 forward over {forwards[0]['tokens']} tokens: decoder {decoder:.1f} s "
-          f"({[round(s, 1) for s in seconds]}), with head {with_head:.1f} s")
+    drawn = statistics.median(f["drawn_order_decoder_seconds"] for f in forwards)
+    print(f"bare float32 forward over {forwards[0]['tokens']} tokens ({forwards[0]['padded_tokens']} positions): "
+          f"decoder {decoder:.1f} s ({[round(s, 1) for s in seconds]}), with head {with_head:.1f} s; "
+          f"in drawn order ({forwards[0]['drawn_order_padded_tokens']} positions) {drawn:.1f} s")
     summaries = [_summary(variant, conversions, seconds, decoder) for variant, conversions in runs.items()]
     phases = list(summaries[0]["phase_seconds"])
     print("| variant | wall s | ratio to forward | adjacent ratios | " + " | ".join(phases) + " |")
@@ -148,6 +154,7 @@ def main() -> int:
               + " | ".join(f"{s['phase_seconds'][k]:.1f}" for k in phases) + " |")
     if args.json:
         args.json.write_text(json.dumps({"forwards": forwards, "decoder_seconds": decoder,
+                                         "drawn_order_decoder_seconds": drawn,
                                          "with_head_seconds": with_head, "conversions": summaries}, indent=2))
     return 0
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from quailora_convert.calibration.batches import make_batches, sample_token_sequences
+from quailora_convert.calibration.batches import longest_first, make_batches, sample_token_sequences
 from quailora_convert.calibration.formats import format_alpaca
 from quailora_convert.calibration.texts import read_texts
 from quailora_convert.core.hessian import HessianSum, add_upper_triangle, triangle_block
@@ -69,6 +69,31 @@ def test_batches_are_right_padded_with_mask():
     assert [tuple(b.input_ids.shape) for b in batches] == [(2, 3), (1, 2)]
     assert batches[0].input_ids[1].tolist() == [8, 1, 1]
     assert batches[0].attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_calibration_batches_go_longest_first_and_pad_less():
+    g = torch.Generator().manual_seed(0)
+    drawn = [list(range(int(n))) for n in torch.randint(1, 60, (50,), generator=g)]
+    drawn[7], drawn[9] = [7] * 20, [9] * 20  # a tie keeps the draw order
+    ordered = longest_first(drawn)
+    assert sorted(map(tuple, ordered)) == sorted(map(tuple, drawn))  # the same samples
+    assert [len(s) for s in ordered] == sorted((len(s) for s in drawn), reverse=True)
+    assert ordered.index([7] * 20) < ordered.index([9] * 20)
+    positions = [sum(b.input_ids.numel() for b in make_batches(s, 8, 0)) for s in (ordered, drawn)]
+    assert positions[0] < positions[1] and positions[0] < 1.2 * sum(len(s) for s in drawn)
+
+
+def test_the_converter_batches_its_calibration_longest_first(tmp_path):
+    from quailora_convert.convert.pipeline import _calibration_batches
+    from quailora_convert.convert.settings import ConvertSettings
+    from tiny_models import write_text_calibration
+
+    calib = write_text_calibration(tmp_path / "calib.jsonl", count=40)
+    settings = ConvertSettings(model="unused", out=tmp_path / "out", calib=str(calib), num_samples=32, seq_len=64,
+                               batch_size=4)
+    batches = _calibration_batches(settings, byte_tokenizer(), tmp_path, torch.device("cpu"), lambda event: None)
+    lengths = [int(n) for b in batches for n in b.attention_mask.sum(1)]
+    assert len(lengths) == 32 and lengths == sorted(lengths, reverse=True)
 
 
 def test_hessian_ignores_padding_tokens():

@@ -97,6 +97,14 @@ def token_count(batches: list[CalibrationBatch]) -> int:
     return int(sum(int(b.attention_mask.sum()) for b in batches))
 
 
+def longest_first(sequences: list[list[int]]) -> list[list[int]]:
+    """The sequences by length, longest first (ties in draw order): batched so, each batch pads to a length
+    its rows share. Drawn order padded 43,624 positions for 21,097 tokens on SmolLM2's default calibration;
+    the forward runs on every position. Longest first, the first batch is the largest: a device that cannot
+    hold one fails at once, and the plan's probe of the first batch bounds the rest."""
+    return sorted(sequences, key=len, reverse=True)
+
+
 def make_batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> list[CalibrationBatch]:
     """Right-padded batches; the attention mask marks the real tokens."""
     batches = []

@@ -23,8 +23,8 @@ from ..bundle.layout import ADAPTER_CONFIG, CONFIG, COPIED_FROM_SOURCE, REPORT, 
 from ..bundle.safetensors_stream import header_bytes_for
 from ..bundle.writer import BundleWriter
 from ..calibration import self_generated
-from ..calibration.batches import (CalibrationBatch, make_batches, pad_token_id, sample_count, sample_token_sequences,
-                                   token_count)
+from ..calibration.batches import (CalibrationBatch, longest_first, make_batches, pad_token_id, sample_count,
+                                   sample_token_sequences, token_count)
 from ..calibration.texts import read_texts
 from ..core.lora import adapter_key, peft_target_modules, rank_patterns
 from ..core.quantize import Quantizer, quantizer_for
@@ -308,7 +308,7 @@ def _calibration_batches(s: ConvertSettings, tokenizer, folder: Path, device: to
         texts = read_texts(s.calib, s.calib_split, s.calib_field, max_records=2 * s.num_samples, seed=s.seed)
     sequences = sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed,
                                        source=getattr(texts, "source", None) or f"--calib {s.calib}")
-    return make_batches(sequences, s.batch_size, pad_token_id(tokenizer))
+    return make_batches(longest_first(sequences), s.batch_size, pad_token_id(tokenizer))
 
 
 def _copy_outside_layers(writer: BundleWriter, reader: CheckpointReader, key_map: KeyMap, layers_path: str) -> None:

@@ -92,6 +92,7 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     itemsize = torch.empty(0, dtype=stored_dtype).element_size()
     hidden_size = model.config.hidden_size
     padded = sum(b.input_ids.numel() for b in batches)
+    probed = padded / batches[0].input_ids.numel()  # the probe's batch scaled to every padded position
     activations = torch.empty(0, dtype=calib_dtype).element_size() * padded * hidden_size  # every sample, on the host
     layer_params = sum(p.numel() for p in layers[0].parameters())
     head = model.get_output_embeddings()  # never run by the front, so never materialised
@@ -115,8 +116,8 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
         bundle_bytes=bundle, work_bytes=work_bytes(padded, hidden_size),
         peak_host_bytes=int(max(host_layer_phase, host_front_phase)),
         peak_device_bytes=0 if on_host else int(max(probe["device_bytes"], device_front_phase)),
-        seconds=(startup + probe["front_seconds"] * len(batches) + FIXED_SECONDS + io_bytes / DISK_BYTES_PER_SECOND
-                 + len(layers) * (probe["forward_seconds"] * len(batches) + probe["solve_seconds"])),
+        seconds=(startup + probe["front_seconds"] * probed + FIXED_SECONDS + io_bytes / DISK_BYTES_PER_SECOND
+                 + len(layers) * (probe["forward_seconds"] * probed + probe["solve_seconds"])),
     )
 
 
