@@ -7,9 +7,10 @@ calibration tokens in the same batches (the library's own draw: read_texts, samp
 longest_first, make_batches with the conversion's settings), on the same device, in its own process,
 under torch.no_grad(), timed after a warm-up batch: the decoder only (model.model: what a conversion
 runs) and, for reference, with the output head, and the decoder over the drawn order's batches (what
-conversions before longest-first batching ran: about twice the padded positions on SmolLM2). With --repeat N the conversions run in N rounds, and a forward pass is timed before each
-round and after the last, so that every conversion sits between two forward passes (a shared host
-drifts by 10% within an hour):
+conversions before longest-first batching ran: about twice the padded positions on SmolLM2).
+With --repeat N the conversions run in N rounds, and a forward pass is timed before each round and
+after the last, so that every conversion sits between two forward passes (a shared host drifts by 10%
+within an hour):
 
     ratio = median conversion wall seconds (process start to exit) / median decoder forward seconds
     adjacent ratios = each conversion over the mean of the forward passes just before and after it
@@ -41,7 +42,8 @@ def forward_child(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quailora_convert.calibration.batches import longest_first, make_batches, pad_token_id, sample_token_sequences
+    from quailora_convert.calibration.batches import (longest_first, make_batches, pad_token_id,
+                                                      sample_token_sequences, token_count)
     from quailora_convert.calibration.texts import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -52,9 +54,11 @@ def forward_child(args) -> None:
     batches = make_batches(longest_first(sequences), args.batch_size, pad_token_id(tokenizer))  # the conversion's
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     model.eval()
-    result = {"tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
-              "padded_tokens": int(sum(b.input_ids.numel() for b in batches)),
-              "drawn_order_padded_tokens": int(sum(b.input_ids.numel() for b in drawn))}
+    def positions(chosen: list) -> int:  # padded tokens: what the forward runs on
+        return sum(b.input_ids.numel() for b in chosen)
+
+    result = {"tokens": token_count(batches), "padded_tokens": positions(batches),
+              "drawn_order_padded_tokens": positions(drawn)}
     with torch.no_grad():
         for name, run, batches in (("decoder", model.model, batches), ("with_head", model, batches),
                                    ("drawn_order_decoder", model.model, drawn)):
