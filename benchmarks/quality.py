@@ -70,7 +70,7 @@ def build_bundle(source: Path, out: Path, variant: dict, args) -> dict:
     cmd = [exe, str(source), "--calib", str(args.calib), "--out", str(out), "--bits", str(args.bits),
            "--rank", str(variant["rank"]), "--solver", variant["solver"], "--rounding", variant["rounding"],
            "--refine", str(variant["refine"]), "--num-samples", str(args.num_samples),
-           "--seq-len", str(args.seq_len), "--device", "cpu"]
+           "--seq-len", str(args.seq_len), "--device", "cpu", "--report-baseline"]  # layer 0's SVD-init row
     print("$ " + " ".join(cmd), flush=True)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO)
@@ -93,7 +93,7 @@ def bundle_summary(bundle: Path) -> dict:
            "error_nearest": report["summary"].get("error_nearest", report["summary"]["error_before"]),
            "report_total_seconds": report["timings"]["total_seconds"],
            "report_peak_rss_bytes": report["peak_rss_bytes"]}
-    if q0:
+    if q0 and q0.get("error_svd_init") is not None:  # bundles made with --report-baseline
         out["layer0_q_proj"] = {"error_before": q0["error_before"], "error_svd_init": q0["error_svd_init"],
                                 "error_after": q0["error_after"],
                                 "svd_init_over_before": q0["error_svd_init"] / q0["error_before"],

@@ -44,6 +44,9 @@ def convert(
         "Rounds of re-rounding W - M and re-solving M; the best iterate is kept."))] = DEFAULT["refine"],
     gptq_damp: Annotated[float, typer.Option("--gptq-damp", help=(
         "Added to H's diagonal for --rounding gptq, relative to its mean."))] = DEFAULT["gptq_damp"],
+    report_baseline: Annotated[bool, typer.Option("--report-baseline", help=(
+        "Also report, per module and in the card, the error of the weight-space init (rank-r SVD of E, "
+        "LoftQ-like) for comparison: one more SVD per module."))] = DEFAULT["report_baseline"],
     target_modules: Annotated[str, typer.Option("--target-modules", help=(
         "all-linear, or comma-separated names."))] = DEFAULT["target_modules"],
     num_samples: Annotated[int, typer.Option("--num-samples", help=(

@@ -91,7 +91,7 @@ def build_model_card(report: dict, *, adapter: dict | None = None, evaluation: d
         calib=Path(str(settings.get("calib", "?"))).name, samples=report.get("calibration", {}).get("samples"),
         tokens=report.get("calibration", {}).get("tokens"), seq_len=settings.get("seq_len"), seed=settings.get("seed"),
         modules=summary.get("modules", len(modules)), error_before=before, error_after=after,
-        error_svd=sum(m.get("error_svd_init", 0.0) for m in modules),
+        error_svd=_baseline_total(modules),
         reduction_label="n/a" if relative is None else f"{1 - relative:.1%} lower than plain quantization",
         layer_rows=_layer_rows(modules), kind_rows=_kind_rows(modules),
         evaluation=_evaluation(evaluation),
@@ -215,6 +215,12 @@ def _solver_label(settings: dict) -> str:
 
 def _percent(before: float, after: float) -> str:
     return f"{1 - after / before:.1%}" if before else "n/a"
+
+
+def _baseline_total(modules: list[dict]) -> float | None:
+    """The weight-space baseline summed over the modules; None unless every module has one (--report-baseline)."""
+    values = [m.get("error_svd_init") for m in modules]
+    return sum(values) if values and None not in values else None
 
 
 def _layer_rows(modules: list[dict]) -> list[dict]:

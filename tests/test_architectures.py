@@ -151,7 +151,8 @@ def converted(request, tmp_path_factory, calib):
         _strip_key_prefix(source, case.strip_prefix)
     bundle = convert(ConvertSettings(model=str(source), out=root / "bundle", calib=str(calib), rank=8,
                                      num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
-                                     calib_dtype="float32"))  # the paper's X; the bfloat16 replay: converted_bf16
+                                     calib_dtype="float32",  # the paper's X; the bfloat16 replay: converted_bf16
+                                     report_baseline=True))
     return case, source, bundle
 
 

@@ -50,6 +50,23 @@ def test_card_reports_the_measured_errors_per_layer(converted):
     assert "No evaluation was run" in text
 
 
+def test_the_weight_space_baseline_is_opt_in_and_leaves_the_bundle_bytes_alone(converted, tmp_path):
+    _, bundle = converted
+    text, _ = read_card(bundle)
+    report = json.loads((bundle / "quailora_report.json").read_text())
+    assert all(m["error_svd_init"] is None for m in report["modules"]) and "| SVD of `E` (weight-space" not in text
+    _, with_baseline = make_bundle(tmp_path, bits=8, solver="als", als_steps=3, use_rslora=True, report_baseline=True)
+    text, _ = read_card(with_baseline)
+    modules = json.loads((with_baseline / "quailora_report.json").read_text())["modules"]
+    for m in modules:  # the rank-r SVD of E: between no adapter and the activation-aware solve
+        assert m["error_after"] <= m["error_svd_init"] <= m["error_before"], m["module"]
+    assert f"| SVD of `E` (weight-space, LoftQ-like) | {sum(m['error_svd_init'] for m in modules):.4g} |" in text
+    shards = sorted(p.name for p in bundle.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in with_baseline.glob("*.safetensors")) and shards
+    for name in shards:
+        assert (bundle / name).read_bytes() == (with_baseline / name).read_bytes(), name
+
+
 def test_rerender_with_eval_and_hub_source(converted, tmp_path):
     _, bundle = converted
     copy = tmp_path / "bundle"

@@ -17,7 +17,8 @@ def tiny_bundle(tmp_path_factory, request):
     source = save_tiny(tiny_llama_config(), root / "source")
     calib = write_text_calibration(root / "calib.jsonl")
     out = convert(ConvertSettings(model=str(source), out=root / "bundle", calib=str(calib), rank=8, num_samples=16,
-                                  seq_len=32, batch_size=4, rounding=rounding, refine=refine))
+                                  seq_len=32, batch_size=4, rounding=rounding, refine=refine,
+                                  report_baseline=True))
     return source, out
 
 

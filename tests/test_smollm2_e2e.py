@@ -32,7 +32,8 @@ def smollm2() -> Path:
 def bundles(smollm2, alpaca_calib, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     made = {}
-    variants = {4: dict(bits=4, rounding="nearest", refine=0), 8: dict(bits=8, rounding="gptq", refine=1),
+    variants = {4: dict(bits=4, rounding="nearest", refine=0, report_baseline=True),
+                8: dict(bits=8, rounding="gptq", refine=1),
                 "gptq": dict(bits=4, rounding="gptq", refine=1)}
     for name, options in variants.items():
         made[name] = convert(ConvertSettings(model=str(smollm2), out=root / f"b{name}", calib=str(alpaca_calib),

@@ -83,6 +83,23 @@ def test_the_report_shows_how_the_work_was_shared(runs):
     assert sum(r["tokens"] for r in two["ranks"]) == one["tokens"] == two["tokens"]
 
 
+@pytest.mark.parametrize("size", [2, 3, 8])
+def test_batches_are_shared_by_padded_positions(size):
+    from quailora_convert.convert.ranks import Ranks
+
+    generator = torch.Generator().manual_seed(size)
+    for _ in range(50):  # calibration batches longest first: padded positions of 8 rows each
+        costs = sorted((8 * torch.randint(16, 513, (int(torch.randint(size, 40, (), generator=generator)),),
+                                          generator=generator)).tolist(), reverse=True)
+        shares = [Ranks(rank=r, size=size).share(costs) for r in range(size)]
+        assert sorted(i for share in shares for i in share) == list(range(len(costs)))  # each batch once
+        assert all(share == sorted(share) and share for share in shares)  # in order; none empty
+        loads = [sum(costs[i] for i in share) for share in shares]
+        assert max(loads) - min(loads) <= costs[0]  # no rank idles longer than the longest batch takes
+        round_robin = [sum(costs[rank::size]) for rank in range(size)]  # batch b to rank b mod N
+        assert max(loads) <= max(round_robin)
+
+
 def ours(stderr: str) -> list[str]:
     """The processes' own stderr lines, without torchrun's: its log lines ("E1201 02:33:07.543000 ...") and
     its failure summary (the launcher's traceback, then a table of the ranks' exit codes)."""

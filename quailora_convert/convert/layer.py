@@ -165,7 +165,7 @@ class LayerConverter:
         lora_A, lora_B = (factor.cpu() for factor in  # what rank 0 gathers and writes: host tensors
                           to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora)))
         with self.timer.phase("solve"):
-            report = module_report(path, f"{prefix}{leader}", result, group.H)
+            report = module_report(path, f"{prefix}{leader}", result, group.H, s.report_baseline)
         return LinearResult(result.quantized.tensors, lora_A, lora_B, report)
 
     def _write(self, prefix: str, layer: nn.Module, linears: dict[str, nn.Module],

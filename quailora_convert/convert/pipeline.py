@@ -160,7 +160,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
         return batches
 
     batches = ranks.main_result(calibration)
-    mine = [batches[b] for b in ranks.share(len(batches))]  # this rank's share
+    mine = [batches[b] for b in ranks.share([b.input_ids.numel() for b in batches])]  # this rank's share
 
     on_event(Status("capturing calibration activations"))
     timer = PhaseTimer(device, state.get("phase_seconds") if state is not None else None)

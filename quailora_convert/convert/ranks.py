@@ -6,8 +6,8 @@ starts N copies of the command with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR an
 (several nodes: torchrun's own rendezvous). The design follows llm-compressor's distributed oneshot
 (data-parallel calibration, weight-parallel optimisation; vllm-project/llm-compressor#2180):
 
-- every rank calibrates on its share of the batches (batch b belongs to rank b mod N) and keeps only
-  its share of the hidden states;
+- every rank calibrates on its share of the batches (spread by padded positions, the longest to the least
+  loaded rank) and keeps only its share of the hidden states;
 - each input group's H sum is reduced to the rank that owns the group (groups are spread over the ranks
   by solve cost), with the token counts summed everywhere;
 - the owner quantizes and solves the group's modules, and rank 0 gathers the results and alone writes
@@ -46,9 +46,10 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def share(self, count: int) -> list[int]:
-        """Indices of this rank's items among count (batches): every size-th from its rank."""
-        return list(range(self.rank, count, self.size))
+    def share(self, costs: list[float]) -> list[int]:
+        """Indices of this rank's items (batches), in order, spread over the ranks by cost (owners): the
+        calibration batches, longest first, by padded positions, so that no rank waits on the longest batches."""
+        return [item for item, owner in enumerate(self.owners(costs)) if owner == self.rank]
 
     def owners(self, costs: list[float]) -> list[int]:
         """A rank for each item, largest cost first to the least loaded rank (ties: the lower rank)."""

@@ -26,7 +26,7 @@ class ModuleReport:
     shape: tuple[int, int]  # (out, in)
     input_group: str  # the module whose input H was accumulated on (q/k/v share one)
     error_before: float  # ||E X||^2 / n of the stored base, without adapter
-    error_svd_init: float  # with the rank-r SVD of E (weight-space init)
+    error_svd_init: float | None  # with the rank-r SVD of E (weight-space init); None without --report-baseline
     error_after: float  # with the solver's correction
     ridge: float  # added to H's diagonal for the solve, relative to its mean (--damp, more if H needed it)
     error_nearest: float  # of bitsandbytes' round-to-nearest base, without adapter (= error_before for it)
@@ -34,16 +34,17 @@ class ModuleReport:
     kept_round: int  # the round stored (the lowest error)
 
 
-def module_report(module: str, input_group: str, result: Compensated, H: Tensor) -> ModuleReport:
-    """The calibrated error of one linear without adapter, with the weight-space baseline (the rank-r
-    truncated SVD of E, computed for this report: exact for small matrices, else randomized with
-    BASELINE_POWER power iterations) and with the solver's correction."""
+def module_report(module: str, input_group: str, result: Compensated, H: Tensor,
+                  baseline: bool = False) -> ModuleReport:
+    """The calibrated error of one linear without adapter, with the solver's correction, and with baseline
+    the weight-space baseline's (the rank-r truncated SVD of E, computed for this report: exact for small
+    matrices, else randomized with BASELINE_POWER power iterations)."""
     E, correction = result.error, result.correction
-    rank = correction.left.shape[1]
+    rank = correction.left.shape[1]  # of the baseline too
     return ModuleReport(
         module=module, shape=tuple(E.shape), input_group=input_group,
         error_before=result.error_rounded,
-        error_svd_init=_baseline_error(E, rank, H, result.error_rounded),
+        error_svd_init=_baseline_error(E, rank, H, result.error_rounded) if baseline else None,
         error_after=result.objective_rounds[result.kept_round],
         ridge=correction.ridge,
         error_nearest=result.error_nearest,

@@ -42,6 +42,10 @@ class ConvertSettings:
     rounding: str = "nearest"
     refine: int = 0  # rounds of re-rounding W - M and re-solving M (the best iterate is kept)
     gptq_damp: float = DEFAULT_GPTQ_DAMP
+    # the report's (and card's) weight-space baseline per module: the calibrated error with the rank-r SVD of E
+    # (LoftQ-like). Off by default: a comparison, not an output, that costs an SVD per module (5% of SmolLM2's
+    # conversion on CPU)
+    report_baseline: bool = False
     target_modules: str | list[str] = "all-linear"
     num_samples: int = 128
     seq_len: int = 512
