@@ -40,7 +40,24 @@ def _recording_reads(monkeypatch) -> list[tuple[str, str]]:
     return reads
 
 
+def _reading_ahead_on_the_cpu(monkeypatch) -> None:
+    """What a conversion on an accelerator does (reads_ahead), on this CPU."""
+    from quailora_convert.convert import pipeline
+
+    monkeypatch.setattr(pipeline, "reads_ahead", lambda device: True)
+
+
+def test_on_the_cpu_every_layer_is_read_when_it_starts(source, tmp_path, monkeypatch):
+    from quailora_convert.convert.prefetch import reads_ahead
+
+    assert not reads_ahead(torch.device("cpu")) and reads_ahead(torch.device("cuda", 0))
+    reads = _recording_reads(monkeypatch)
+    _convert(source, tmp_path / "out")
+    assert reads and not any(thread.startswith("quailora-prefetch") for thread, _ in reads)
+
+
 def test_layers_after_the_first_are_read_ahead_and_the_bundle_bytes_do_not_change(source, tmp_path, monkeypatch):
+    _reading_ahead_on_the_cpu(monkeypatch)
     reads = _recording_reads(monkeypatch)
     ahead = _convert(source, tmp_path / "out").rename(tmp_path / "ahead")  # the same --out for both: files name it
     read_ahead = {key for thread, key in reads if thread.startswith("quailora-prefetch")}
@@ -78,7 +95,7 @@ def test_a_layer_is_taken_once_and_only_when_it_was_scheduled(source):
         assert prefetch.take("model.layers.1.") is None  # taken: gone
 
 
-def test_a_bad_tensor_read_ahead_is_the_one_line_error_of_a_direct_read(source, tmp_path):
+def test_a_bad_tensor_read_ahead_is_the_one_line_error_of_a_direct_read(source, tmp_path, monkeypatch):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -93,7 +110,10 @@ def test_a_bad_tensor_read_ahead_is_the_one_line_error_of_a_direct_read(source, 
     tensors = load_file(shard)
     tensors[key].view(-1)[3] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
+    _reading_ahead_on_the_cpu(monkeypatch)
+    reads = _recording_reads(monkeypatch)
     with pytest.raises(BadInputError) as error:
         _convert((broken, calib), tmp_path / "out")
     assert str(error.value).startswith(f"{key} in {shard} has non-finite values (1 NaN, 0 inf of ")
     assert not (tmp_path / "out").exists()
+    assert (next(thread for thread, read in reads if read == key)).startswith("quailora-prefetch")

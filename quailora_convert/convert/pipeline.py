@@ -10,7 +10,7 @@ loop on its share of the batches and rank 0 alone writes (convert.ranks).
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ContextManager
@@ -40,7 +40,7 @@ from .capture import calibration_dtype, capture_layer_calls
 from .host_memory import pinned_scope
 from .layer import LayerConverter
 from .phases import PhaseTimer
-from .prefetch import LayerPrefetch
+from .prefetch import LayerPrefetch, reads_ahead
 from .plan import Plan, make_plan, process_start_time, stored_dtype_of
 from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
@@ -190,7 +190,8 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
         hidden = ranks.together(lambda: work.load_activations(state, ranks.rank, ranks.size))
     on_event(Calibrated(sample_count(batches), state["calibration_seconds"]))
 
-    with LayerPrefetch(source.folder, key_map, pin=device.type == "cuda") as prefetch:
+    read_ahead = LayerPrefetch(source.folder, key_map, pin=device.type == "cuda") if reads_ahead(device) else None
+    with read_ahead or nullcontext() as prefetch:
         converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
                                    {getattr(torch, name) for name in state["stored_dtypes"]}, ranks, dtype, prefetch)
         _convert_layers(s, ranks, work, state, writer, converter, layers_path, layers, targets, hidden, calls,
