@@ -1,5 +1,6 @@
-"""The next layer's weights are read on a background thread while the current layer runs (convert.prefetch):
-the same bundle bytes as reading each layer when it starts, and a bad tensor is still one error naming it."""
+"""On accelerators the next layer's weights are read on a background thread while the current layer runs
+(convert.prefetch; forced on here, on the CPU, which reads each layer when it starts): the same bundle bytes as
+reading each layer when it starts, and a bad tensor is still one error naming it."""
 import threading
 
 import pytest

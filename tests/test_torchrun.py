@@ -98,6 +98,8 @@ def test_batches_are_shared_by_padded_positions(size):
         assert max(loads) - min(loads) <= costs[0]  # no rank idles longer than the longest batch takes
         round_robin = [sum(costs[rank::size]) for rank in range(size)]  # batch b to rank b mod N
         assert max(loads) <= max(round_robin)
+    if size == 2:  # where b mod N is uneven: 5 + 3 + 3 against 4 + 3
+        assert [Ranks(rank=r, size=2).share([5, 4, 3, 3, 3]) for r in range(2)] == [[0, 3], [1, 2, 4]]
 
 
 def ours(stderr: str) -> list[str]:

@@ -26,6 +26,7 @@ from ..core.quantize import Quantizer
 from .architectures import linear_modules, select_targets, weight_matrix
 from .capture import CALIBRATION_DTYPE, accumulate_hessians, calibration_dtype, capture_layer_calls
 from .layer import GroupFactors, compensate
+from .prefetch import reads_ahead
 from .report import module_report
 from .settings import ConvertSettings
 
@@ -102,8 +103,10 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     baseline = _rss()
     probe = probe_layer(s, model, layers, batches[0], quantizer, device, stored_dtype, calib_dtype)
     on_host = device.type != "cuda"
-    # a layer as stored in the shard maps, and the next one read ahead (convert.prefetch)
-    host_layer_phase = baseline + activations + 2 * layer_params * itemsize + (probe["host_bytes"] if on_host else 0)
+    # a layer as stored in the shard maps, and on accelerators the next one read ahead (convert.prefetch)
+    stored_layers = 2 if reads_ahead(device) else 1
+    host_layer_phase = (baseline + activations + stored_layers * layer_params * itemsize
+                        + (probe["host_bytes"] if on_host else 0))
     host_front_phase = baseline + activations + front_params * (itemsize + (4 if on_host else 0))
     largest_batch = max(b.input_ids.numel() for b in batches) * hidden_size * 4
     device_front_phase = front_params * 4 + 2 * largest_batch  # the front in float32, one batch in and out

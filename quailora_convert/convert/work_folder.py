@@ -36,7 +36,7 @@ STATE = "state.json"
 OWNER = "owner.json"
 CALIBRATION = "calibration.safetensors"
 BUNDLE = "bundle"
-STATE_FORMAT = 2  # 2: the ranks' shares (torchrun)
+STATE_FORMAT = 3  # 2: the ranks' shares (torchrun); 3: shares by padded positions (Ranks.share)
 _ENDS_BYTES = 1 << 20  # a weight file is fingerprinted by its size and the sha256 of its first and last MiB
 
 
