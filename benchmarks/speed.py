@@ -42,7 +42,7 @@ def forward_child(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quailora_convert.calibration.batches import (longest_first, make_batches, pad_token_id,
+    from quailora_convert.calibration.batches import (longest_first, make_batches, pad_token_id, position_count,
                                                       sample_token_sequences, token_count)
     from quailora_convert.calibration.texts import read_texts
 
@@ -54,11 +54,8 @@ def forward_child(args) -> None:
     batches = make_batches(longest_first(sequences), args.batch_size, pad_token_id(tokenizer))  # the conversion's
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     model.eval()
-    def positions(chosen: list) -> int:  # padded tokens: what the forward runs on
-        return sum(b.input_ids.numel() for b in chosen)
-
-    result = {"tokens": token_count(batches), "padded_tokens": positions(batches),
-              "drawn_order_padded_tokens": positions(drawn)}
+    result = {"tokens": token_count(batches), "padded_tokens": position_count(batches),
+              "drawn_order_padded_tokens": position_count(drawn)}
     with torch.no_grad():
         for name, run, batches in (("decoder", model.model, batches), ("with_head", model, batches),
                                    ("drawn_order_decoder", model.model, drawn)):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from quailora_convert.calibration.batches import longest_first, make_batches, sample_token_sequences
+from quailora_convert.calibration.batches import longest_first, make_batches, position_count, sample_token_sequences
 from quailora_convert.calibration.formats import format_alpaca
 from quailora_convert.calibration.texts import read_texts
 from quailora_convert.core.hessian import HessianSum, add_upper_triangle, triangle_block
@@ -81,6 +81,7 @@ def test_calibration_batches_go_longest_first_and_pad_less():
     assert ordered.index([7] * 20) < ordered.index([9] * 20)
     positions = [sum(b.input_ids.numel() for b in make_batches(s, 8, 0)) for s in (ordered, drawn)]
     assert positions[0] < positions[1] and positions[0] < 1.2 * sum(len(s) for s in drawn)
+    assert [position_count(make_batches(s, 8, 0)) for s in (ordered, drawn)] == positions
 
 
 def test_the_converter_batches_its_calibration_longest_first(tmp_path):

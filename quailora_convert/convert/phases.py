@@ -10,7 +10,8 @@ import torch
 PHASES = ("read", "forward", "hessian", "quantize", "solve", "write")
 # read: checkpoint tensors into the layer; forward: full-precision layer calls (hooks excluded);
 # hessian: the H updates in the hooks; quantize: rounding (GPTQ), refinement bookkeeping and objectives;
-# solve: the adapter solves and (--report-baseline) the report's weight-space baseline; write: bundle shards and the resume state.
+# solve: the adapter solves and (--report-baseline) the report's weight-space baseline;
+# write: bundle shards and the resume state.
 
 
 class PhaseTimer:

@@ -190,8 +190,9 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
         hidden = ranks.together(lambda: work.load_activations(state, ranks.rank, ranks.size))
     on_event(Calibrated(sample_count(batches), state["calibration_seconds"]))
 
-    read_ahead = LayerPrefetch(source.folder, key_map, pin=device.type == "cuda") if reads_ahead(device) else None
-    with read_ahead or nullcontext() as prefetch:
+    read_ahead = (LayerPrefetch(source.folder, key_map, pin=device.type == "cuda") if reads_ahead(device)
+                  else nullcontext())  # prefetch None: each layer read when it starts
+    with read_ahead as prefetch:
         converter = LayerConverter(s, quantizer, reader, key_map, writer, mine, device, timer,
                                    {getattr(torch, name) for name in state["stored_dtypes"]}, ranks, dtype, prefetch)
         _convert_layers(s, ranks, work, state, writer, converter, layers_path, layers, targets, hidden, calls,

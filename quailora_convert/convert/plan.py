@@ -20,7 +20,7 @@ from torch import nn
 
 from ..bundle.layout import COPIED_FROM_SOURCE, config_dtype, read_config
 from ..bundle.writer import BASE_HEADER_BYTES
-from ..calibration.batches import CalibrationBatch, sample_count, token_count
+from ..calibration.batches import CalibrationBatch, position_count, sample_count, token_count
 from ..core.lora import lora_scaling, to_peft
 from ..core.quantize import Quantizer
 from .architectures import linear_modules, select_targets, weight_matrix
@@ -92,7 +92,7 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     calib_dtype = calibration_dtype(s.calib_dtype, stored_dtype, device)
     itemsize = torch.empty(0, dtype=stored_dtype).element_size()
     hidden_size = model.config.hidden_size
-    padded = sum(b.input_ids.numel() for b in batches)
+    padded = position_count(batches)
     probed = padded / batches[0].input_ids.numel()  # the probe's batch scaled to every padded position
     activations = torch.empty(0, dtype=calib_dtype).element_size() * padded * hidden_size  # every sample, on the host
     layer_params = sum(p.numel() for p in layers[0].parameters())

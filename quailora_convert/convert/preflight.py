@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..calibration.batches import CalibrationBatch
+from ..calibration.batches import CalibrationBatch, position_count
 from ..core.lora import rank_patterns
 from ..core.quantize import Quantizer
 from ..errors import BadInputError
@@ -35,7 +35,7 @@ def check_disk(s: ConvertSettings, model: nn.Module, layers_path: str, quantizer
     """Before any heavy work: room for the bundle and the work folder (both beside --out)."""
     needed = bundle_bytes(model, layers_path, quantizer, shapes, s.rank, stored_dtype_of(source_folder), source_folder,
                           s.max_shard_bytes)
-    needed += work_bytes(sum(b.input_ids.numel() for b in batches), model.config.hidden_size)
+    needed += work_bytes(position_count(batches), model.config.hidden_size)
     free = shutil.disk_usage(work.path).free
     if needed > free:
         raise BadInputError(f"not enough disk space in {work.path.parent}: the bundle and its work folder need "

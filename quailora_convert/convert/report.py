@@ -40,11 +40,10 @@ def module_report(module: str, input_group: str, result: Compensated, H: Tensor,
     the weight-space baseline's (the rank-r truncated SVD of E, computed for this report: exact for small
     matrices, else randomized with BASELINE_POWER power iterations)."""
     E, correction = result.error, result.correction
-    rank = correction.left.shape[1]  # of the baseline too
     return ModuleReport(
         module=module, shape=tuple(E.shape), input_group=input_group,
         error_before=result.error_rounded,
-        error_svd_init=_baseline_error(E, rank, H, result.error_rounded) if baseline else None,
+        error_svd_init=_baseline_error(E, correction.left.shape[1], H, result.error_rounded) if baseline else None,
         error_after=result.objective_rounds[result.kept_round],
         ridge=correction.ridge,
         error_nearest=result.error_nearest,
