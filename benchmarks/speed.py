@@ -7,13 +7,16 @@ calibration tokens in the same batches (the library's own draw: read_texts, samp
 longest_first, make_batches with the conversion's settings), on the same device, in its own process,
 under torch.no_grad(), timed after a warm-up batch: the decoder only (model.model: what a conversion
 runs) and, for reference, with the output head, and the decoder over the drawn order's batches (what
-conversions before longest-first batching ran: about twice the padded positions on SmolLM2).
+conversions before longest-first batching ran: about twice the padded positions on SmolLM2). After those,
+in the same process, the floor: the work a conversion cannot avoid, one forward pass plus the H update, run
+with the library's own capture code over the same batches (time_floor).
 With --repeat N the conversions run in N rounds, and a forward pass is timed before each round and
 after the last, so that every conversion sits between two forward passes (a shared host drifts by 10%
 within an hour):
 
     ratio = median conversion wall seconds (process start to exit) / median decoder forward seconds
     adjacent ratios = each conversion over the mean of the forward passes just before and after it
+    ratio to floor = median conversion wall seconds / median floor seconds (1.0: nothing but the floor)
 
     python benchmarks/speed.py --json /tmp/speed.json                       # SmolLM2, CPU, defaults
     python benchmarks/speed.py --repeat 3 --json /tmp/speed.json            # 3 conversions, 4 forwards
@@ -69,7 +72,36 @@ def forward_child(args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             result[f"{name}_seconds"] = time.perf_counter() - started
+        result |= time_floor(model, batches, device)  # last: it sets the CLI's allocator for the process
     print(json.dumps(result))
+
+
+def time_floor(model, batches: list, device) -> dict:
+    """The work a conversion cannot avoid (one forward pass plus the H update), timed as a conversion runs it:
+    the model's front once per batch (capture_layer_calls), then each decoder layer over every batch with the H
+    update of every input group of its linears (accumulate_hessians), under the CLI's allocator setting. No
+    reads, rounding, solves or writes. floor_group_tokens: the tokens summed into H over all groups and layers."""
+    import torch
+
+    from quailora_convert.convert.allocator import heap_for_forward, serve_large_blocks_from_mmap
+    from quailora_convert.convert.architectures import find_decoder_layers, linear_modules
+    from quailora_convert.convert.capture import accumulate_hessians, capture_layer_calls
+    from quailora_convert.convert.phases import PhaseTimer
+
+    serve_large_blocks_from_mmap()  # as cli/convert.py sets it before a conversion
+    _, layers = find_decoder_layers(model)
+    timer = PhaseTimer(device)
+    group_tokens = 0
+    started = time.perf_counter()
+    hidden, calls = capture_layer_calls(model, layers, batches, device)
+    for layer, layer_calls in zip(layers, calls):
+        with heap_for_forward():
+            hessians = accumulate_hessians(layer, linear_modules(layer), hidden, layer_calls, batches, device, timer)
+        group_tokens += sum(s.tokens for s in hessians.sums.values())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"floor_seconds": time.perf_counter() - started, "floor_hessian_seconds": timer.seconds["hessian"],
+            "floor_group_tokens": group_tokens}
 
 
 def time_forward(args) -> dict:
@@ -82,8 +114,14 @@ def time_forward(args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def console_script() -> str:
+    """quailora-convert beside this interpreter (a venv's bin, whether or not it is on PATH), else from PATH."""
+    beside = Path(sys.executable).parent / "quailora-convert"
+    return str(beside) if beside.is_file() else "quailora-convert"
+
+
 def time_conversion(args, variant: str, out: Path) -> dict:
-    command = ["quailora-convert", str(args.model), "--calib", str(args.calib), "--out", str(out), "--overwrite",
+    command = [console_script(), str(args.model), "--calib", str(args.calib), "--out", str(out), "--overwrite",
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
                *shlex.split(variant)]
@@ -98,13 +136,15 @@ def time_conversion(args, variant: str, out: Path) -> dict:
             "tokens": report["calibration"]["tokens"], "relative_error_after": report["summary"]["relative_error_after"]}
 
 
-def _summary(variant: str, conversions: list[dict], forward_seconds: list[float], decoder: float) -> dict:
-    """One variant's rounds: median wall and phases, the ratio of medians, and each round's adjacent ratio
-    (round i ran between forward passes i and i + 1)."""
+def _summary(variant: str, conversions: list[dict], forward_seconds: list[float], decoder: float,
+             floor: float) -> dict:
+    """One variant's rounds: median wall and phases, the ratios of medians (to the bare forward and to the
+    floor), and each round's adjacent ratio (round i ran between forward passes i and i + 1)."""
     walls = [c["wall_seconds"] for c in conversions]
     middle = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]  # the median round's phases
     return {"variant": variant or "(defaults)", "rounds": conversions, "wall_seconds": statistics.median(walls),
-            "ratio": statistics.median(walls) / decoder, "phase_seconds": conversions[middle]["phase_seconds"],
+            "ratio": statistics.median(walls) / decoder, "ratio_to_floor": statistics.median(walls) / floor,
+            "phase_seconds": conversions[middle]["phase_seconds"],
             "adjacent_ratios": [w / statistics.mean(forward_seconds[i:i + 2]) for i, w in enumerate(walls)],
             "relative_error_after": conversions[middle]["relative_error_after"]}
 
@@ -142,20 +182,24 @@ def main() -> int:
     decoder = statistics.median(seconds)
     with_head = statistics.median(f["with_head_seconds"] for f in forwards)
     drawn = statistics.median(f["drawn_order_decoder_seconds"] for f in forwards)
+    floor = statistics.median(f["floor_seconds"] for f in forwards)
+    floor_hessian = statistics.median(f["floor_hessian_seconds"] for f in forwards)
     print(f"bare float32 forward over {forwards[0]['tokens']} tokens ({forwards[0]['padded_tokens']} positions): "
           f"decoder {decoder:.1f} s ({[round(s, 1) for s in seconds]}), with head {with_head:.1f} s; "
           f"in drawn order ({forwards[0]['drawn_order_padded_tokens']} positions) {drawn:.1f} s")
-    summaries = [_summary(variant, conversions, seconds, decoder) for variant, conversions in runs.items()]
+    print(f"floor (the decoder's forward plus the H update, as a conversion runs them): {floor:.1f} s "
+          f"({floor / decoder:.2f}x the decoder forward; H update {floor_hessian:.1f} s)")
+    summaries = [_summary(variant, conversions, seconds, decoder, floor) for variant, conversions in runs.items()]
     phases = list(summaries[0]["phase_seconds"])
-    print("| variant | wall s | ratio to forward | adjacent ratios | " + " | ".join(phases) + " |")
-    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in phases) + " |")
+    print("| variant | wall s | ratio to forward | adjacent ratios | ratio to floor | " + " | ".join(phases) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in phases) + " |")
     for s in summaries:
         print(f"| {s['variant']} | {s['wall_seconds']:.0f} | {s['ratio']:.2f} | "
-              f"{', '.join(f'{r:.2f}' for r in s['adjacent_ratios'])} | "
+              f"{', '.join(f'{r:.2f}' for r in s['adjacent_ratios'])} | {s['ratio_to_floor']:.2f} | "
               + " | ".join(f"{s['phase_seconds'][k]:.1f}" for k in phases) + " |")
     if args.json:
         args.json.write_text(json.dumps({"forwards": forwards, "decoder_seconds": decoder,
-                                         "drawn_order_decoder_seconds": drawn,
+                                         "drawn_order_decoder_seconds": drawn, "floor_seconds": floor,
                                          "with_head_seconds": with_head, "conversions": summaries}, indent=2))
     return 0
 
