@@ -7,9 +7,9 @@ calibration tokens in the same batches (the library's own draw: read_texts, samp
 longest_first, make_batches with the conversion's settings), on the same device, in its own process,
 under torch.no_grad(), timed after a warm-up batch: the decoder only (model.model: what a conversion
 runs) and, for reference, with the output head, and the decoder over the drawn order's batches (what
-conversions before longest-first batching ran: about twice the padded positions on SmolLM2). After those,
-in the same process, the floor: the work a conversion cannot avoid, one forward pass plus the H update, run
-with the library's own capture code over the same batches (time_floor).
+conversions before longest-first batching ran: about twice the padded positions on SmolLM2). Then, in a
+process of its own set up as the CLI sets up a conversion, the floor: the work a conversion cannot avoid, one
+forward pass plus the H update, run by the library's own capture code over the same batches (time_floor).
 With --repeat N the conversions run in N rounds, and a forward pass is timed before each round and
 after the last, so that every conversion sits between two forward passes (a shared host drifts by 10%
 within an hour):
@@ -40,78 +40,121 @@ DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m
 DEFAULT_CALIB = SHARED / "data" / "calib" / "self_instruct_alpaca.jsonl"
 
 
-def forward_child(args) -> None:
-    """In a child process: seconds of the bare float32 forward over the calibration tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _batches(args) -> tuple[list, list]:
+    """(the conversion's batches, longest first; the same sequences' batches in drawn order)."""
+    from transformers import AutoTokenizer
 
-    from quailora_convert.calibration.batches import (longest_first, make_batches, pad_token_id, position_count,
-                                                      sample_token_sequences, token_count)
+    from quailora_convert.calibration.batches import longest_first, make_batches, pad_token_id, sample_token_sequences
     from quailora_convert.calibration.texts import read_texts
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     texts = read_texts(str(args.calib), max_records=2 * args.num_samples, seed=args.seed)
     sequences = sample_token_sequences(texts, tokenizer, args.num_samples, args.seq_len, args.seed)
+    pad = pad_token_id(tokenizer)
+    return make_batches(longest_first(sequences), args.batch_size, pad), make_batches(sequences, args.batch_size, pad)
+
+
+def _float32_model(args, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_child(args) -> None:
+    """In a child process: seconds of the bare float32 forward over the calibration tokens."""
+    import torch
+
+    from quailora_convert.calibration.batches import position_count, token_count
+
     device = torch.device(args.device)
-    drawn = make_batches(sequences, args.batch_size, pad_token_id(tokenizer))  # before longest-first batching
-    batches = make_batches(longest_first(sequences), args.batch_size, pad_token_id(tokenizer))  # the conversion's
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
-    model.eval()
+    batches, drawn = _batches(args)
+    model = _float32_model(args, device)
     result = {"tokens": token_count(batches), "padded_tokens": position_count(batches),
               "drawn_order_padded_tokens": position_count(drawn)}
     with torch.no_grad():
-        for name, run, batches in (("decoder", model.model, batches), ("with_head", model, batches),
-                                   ("drawn_order_decoder", model.model, drawn)):
-            first = batches[0]
+        for name, run, timed in (("decoder", model.model, batches), ("with_head", model, batches),
+                                 ("drawn_order_decoder", model.model, drawn)):
+            first = timed[0]
             run(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device), use_cache=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(device)
             started = time.perf_counter()
-            for b in batches:
+            for b in timed:
                 run(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(device)
             result[f"{name}_seconds"] = time.perf_counter() - started
-        result |= time_floor(model, batches, device)  # last: it sets the CLI's allocator for the process
     print(json.dumps(result))
+
+
+def floor_child(args) -> None:
+    """In a child process, set up as the CLI sets up a conversion (its allocator setting first): time_floor
+    over the conversion's batches, after a warm-up batch."""
+    import torch
+
+    from quailora_convert.convert.allocator import heap_for_forward, serve_large_blocks_from_mmap
+
+    serve_large_blocks_from_mmap()  # as cli/convert.py does before a conversion
+    device = torch.device(args.device)
+    batches, _ = _batches(args)
+    model = _float32_model(args, device)
+    with torch.no_grad(), heap_for_forward():
+        first = batches[0]
+        model.model(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device),
+                    use_cache=False)
+    print(json.dumps(time_floor(model, batches, device)))
 
 
 def time_floor(model, batches: list, device) -> dict:
     """The work a conversion cannot avoid (one forward pass plus the H update), timed as a conversion runs it:
     the model's front once per batch (capture_layer_calls), then each decoder layer over every batch with the H
-    update of every input group of its linears (accumulate_hessians), under the CLI's allocator setting. No
-    reads, rounding, solves or writes. floor_group_tokens: the tokens summed into H over all groups and layers."""
+    update of every input group of its linears (accumulate_hessians), each in heap_for_forward as the pipeline
+    runs them. No reads, rounding, solves or writes. floor_positions: the batches' padded positions;
+    floor_group_tokens: the tokens summed into H over all groups and layers."""
     import torch
 
-    from quailora_convert.convert.allocator import heap_for_forward, serve_large_blocks_from_mmap
+    from quailora_convert.calibration.batches import position_count
+    from quailora_convert.convert.allocator import heap_for_forward
     from quailora_convert.convert.architectures import find_decoder_layers, linear_modules
     from quailora_convert.convert.capture import accumulate_hessians, capture_layer_calls
     from quailora_convert.convert.phases import PhaseTimer
 
-    serve_large_blocks_from_mmap()  # as cli/convert.py sets it before a conversion
     _, layers = find_decoder_layers(model)
     timer = PhaseTimer(device)
     group_tokens = 0
     started = time.perf_counter()
-    hidden, calls = capture_layer_calls(model, layers, batches, device)
-    for layer, layer_calls in zip(layers, calls):
+    with torch.no_grad():
         with heap_for_forward():
-            hessians = accumulate_hessians(layer, linear_modules(layer), hidden, layer_calls, batches, device, timer)
-        group_tokens += sum(s.tokens for s in hessians.sums.values())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+            hidden, calls = capture_layer_calls(model, layers, batches, device)
+        for layer, layer_calls in zip(layers, calls):
+            with heap_for_forward():
+                hessians = accumulate_hessians(layer, linear_modules(layer), hidden, layer_calls, batches, device,
+                                               timer)
+            group_tokens += sum(s.tokens for s in hessians.sums.values())
+    _synchronize(device)
     return {"floor_seconds": time.perf_counter() - started, "floor_hessian_seconds": timer.seconds["hessian"],
-            "floor_group_tokens": group_tokens}
+            "floor_positions": position_count(batches), "floor_group_tokens": group_tokens}
 
 
-def time_forward(args) -> dict:
-    command = [sys.executable, __file__, "--forward-child", "--model", str(args.model), "--calib", str(args.calib),
+def _run_child(args, flag: str) -> dict:
+    command = [sys.executable, __file__, flag, "--model", str(args.model), "--calib", str(args.calib),
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"forward timing failed:\n{done.stderr[-2000:]}")
+        raise SystemExit(f"{flag.removeprefix('--')} timing failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_forward(args) -> dict:
+    """The bare forward passes, then the floor, each in its own process."""
+    return _run_child(args, "--forward-child") | _run_child(args, "--floor-child")
 
 
 def console_script() -> str:
@@ -162,9 +205,13 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="rounds of conversions, each followed by a forward pass")
     p.add_argument("--json", type=Path)
     p.add_argument("--forward-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.forward_child:
         forward_child(args)
+        return 0
+    if args.floor_child:
+        floor_child(args)
         return 0
     if not args.calib.is_file():
         raise SystemExit(f"{args.calib}: calibration file not found (it lives in the workplace's ../shared)")

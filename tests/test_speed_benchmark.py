@@ -22,7 +22,9 @@ def test_speed_reports_ratios_to_the_forward_and_to_a_floor_that_saw_every_token
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(out.read_text())
     forward = measured["forwards"][0]
-    # the floor summed H over every real token, once per input group of every layer
+    # the floor ran over the conversion's batches (longest first, not the drawn order's) and summed H over every
+    # real token, once per input group of every layer
+    assert forward["floor_positions"] == forward["padded_tokens"] < forward["drawn_order_padded_tokens"]
     assert forward["floor_group_tokens"] == forward["tokens"] * INPUT_GROUPS_PER_LAYER * layers
     assert 0 < forward["floor_hessian_seconds"] < forward["floor_seconds"]
     (conversion,) = measured["conversions"]
