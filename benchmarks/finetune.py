@@ -31,9 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
+from workplace import DEFAULT_SOURCE, SHARED
+
 DEFAULT_DATA = SHARED / "data" / "calib" / "code_alpaca_2k.json"
 TOTAL_BATCH = 16
 CURVE_POINTS = 5

@@ -22,9 +22,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
-DEFAULT_CALIB = REPO.parent / "shared" / "data" / "calib" / "self_instruct_alpaca.jsonl"
+from workplace import DEFAULT_CALIB, DEFAULT_SOURCE
+
 SETTINGS = ("default", "mmap-64k", "forward-heap")
 
 

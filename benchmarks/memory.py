@@ -39,9 +39,9 @@ from pathlib import Path
 
 from quailora_convert.bundle.layout import CONFIG, REPORT
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CALIB = REPO.parent / "shared" / "data" / "calib" / "self_instruct_alpaca.jsonl"
-DEFAULT_TOKENIZER = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
+from workplace import DEFAULT_CALIB, DEFAULT_SOURCE, REPO, console_script
+
+DEFAULT_TOKENIZER = DEFAULT_SOURCE  # the real SmolLM2 folder's tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MiB = 1 << 20
 
@@ -202,11 +202,9 @@ def threading_label(env: dict[str, str]) -> str:
 
 def run_conversion(model: Path, out: Path, args, log_path: Path, env: dict[str, str]) -> dict:
     if args.cli:
-        beside = Path(sys.executable).with_name("quailora-convert")  # this interpreter's install first
-        exe = str(beside) if beside.exists() else shutil.which("quailora-convert") or "quailora-convert"
-        cmd = [exe, str(model), "--calib", str(args.calib), "--out", str(out), "--num-samples", str(args.num_samples),
-               "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--bits", str(args.bits),
-               "--solver", args.solver, "--device", "cpu", "--overwrite"]
+        cmd = [console_script(), str(model), "--calib", str(args.calib), "--out", str(out),
+               "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+               "--bits", str(args.bits), "--solver", args.solver, "--device", "cpu", "--overwrite"]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "_child", str(model), str(out), str(args.calib),
                str(args.num_samples), str(args.seq_len), str(args.rank), str(args.bits), args.solver]

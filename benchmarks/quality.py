@@ -43,10 +43,8 @@ from pathlib import Path
 
 from quailora_convert.bundle.layout import REPORT
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
-DEFAULT_CALIB = SHARED / "data" / "calib" / "self_instruct_alpaca.jsonl"
+from workplace import DEFAULT_CALIB, DEFAULT_SOURCE, REPO, SHARED
+
 DEFAULT_HELDOUT = SHARED / "data" / "calib" / "code_alpaca_2k.json"
 MiB = 1 << 20
 

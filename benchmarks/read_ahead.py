@@ -17,9 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
-DEFAULT_CALIB = REPO.parent / "shared" / "data" / "calib" / "self_instruct_alpaca.jsonl"
+from workplace import DEFAULT_CALIB, DEFAULT_SOURCE, require_calibration
 
 
 def main() -> int:
@@ -31,8 +29,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if not args.calib.is_file():
-        raise SystemExit(f"{args.calib}: calibration file not found (it lives in the workplace's ../shared)")
+    require_calibration(args.calib)
 
     from quailora_convert.convert import ConvertSettings, convert, pipeline
     from quailora_convert.convert.allocator import serve_large_blocks_from_mmap

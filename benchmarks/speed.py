@@ -34,10 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_SOURCE = Path.home() / ".cache" / "quailora-test-models" / "smollm2-135m-instruct"
-DEFAULT_CALIB = SHARED / "data" / "calib" / "self_instruct_alpaca.jsonl"
+from workplace import DEFAULT_CALIB, DEFAULT_SOURCE, console_script, require_calibration
 
 
 def _batches(args) -> tuple[list, list]:
@@ -157,12 +154,6 @@ def time_forward(args) -> dict:
     return _run_child(args, "--forward-child") | _run_child(args, "--floor-child")
 
 
-def console_script() -> str:
-    """quailora-convert beside this interpreter (a venv's bin, whether or not it is on PATH), else from PATH."""
-    beside = Path(sys.executable).parent / "quailora-convert"
-    return str(beside) if beside.is_file() else "quailora-convert"
-
-
 def time_conversion(args, variant: str, out: Path) -> dict:
     command = [console_script(), str(args.model), "--calib", str(args.calib), "--out", str(out), "--overwrite",
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
@@ -213,8 +204,7 @@ def main() -> int:
     if args.floor_child:
         floor_child(args)
         return 0
-    if not args.calib.is_file():
-        raise SystemExit(f"{args.calib}: calibration file not found (it lives in the workplace's ../shared)")
+    require_calibration(args.calib)
     variants = args.variant if args.variant is not None else [""]
     forwards = [time_forward(args)]
     runs: dict[str, list[dict]] = {variant: [] for variant in variants}

@@ -14,7 +14,9 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 
 @pytest.fixture(scope="module")
 def bench() -> dict:
-    return runpy.run_path(str(BENCHMARK))  # main() runs only as a script
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARK.parent))  # as when run as a script: its sibling benchmarks/workplace.py
+        return runpy.run_path(str(BENCHMARK))  # main() runs only as a script
 
 
 def test_default_threads_unset_omp_num_threads_for_the_children(bench, monkeypatch):
