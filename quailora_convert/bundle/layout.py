@@ -18,6 +18,10 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The QuAILoRA adapter's folder inside a bundle, as LoftQ (loftq_init/) and PiSSA (pissa_init/) lay theirs out:
+# the quantized base at the root, loaded by plain transformers alone; the adapter with
+# PeftModel.from_pretrained(base, BUNDLE, subfolder=INIT_ADAPTER_DIR, is_trainable=True).
+INIT_ADAPTER_DIR = "quailora_init"
 REPORT = "quailora_report.json"
 EVAL = "quailora_eval.json"  # written by `eval`: {"rows": [{"model", "perplexity"}], "gap_closed", "data"}
 CARD = "README.md"  # the Hub model card
