@@ -245,6 +245,164 @@ def case_whitespace(cli, inputs, work):
     return _calib_case(cli, inputs, work, inputs["blank"])
 
 
+# -- issue 22, items 1 and 4-8 (helper safety-source): nothing lost, nothing silently wrong ---------------------------
+def _home(inputs: dict, work: Path) -> Path:
+    """A user's folder: the source m_base, an earlier bundle, notes, and the calibration in data/."""
+    import shutil
+
+    home = work / "home"
+    copy_source(inputs["llama"], home / "m_base")
+    (home / "old_bundle").mkdir()
+    (home / "old_bundle" / "adapter_model.safetensors").write_bytes(b"an earlier bundle")
+    (home / "notes.txt").write_text("my notes\n")
+    (home / "data").mkdir()
+    shutil.copyfile(inputs["calib"], home / "data" / "calib.jsonl")
+    return home
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _kept(home: Path, before: dict[str, bytes]) -> str:
+    after = _files(home) if home.exists() else {}
+    lost = [name for name, data in before.items() if after.get(name) != data]
+    added = len(set(after) - set(before))
+    return ("every file kept" if not lost else f"**{len(lost)}/{len(before)} files lost or changed**") + \
+        (f", {added} added" if added else "")
+
+
+def _overlap_case(cli: Checkout, inputs: dict, work: Path, out: str, *extra) -> str:
+    home = _home(inputs, work)
+    before = _files(home)
+    code, line, _ = cli.run(home / "m_base", "--calib", home / "data" / "calib.jsonl", "--out", home / out, "--rank", 8,
+                            "--num-samples", 8, "--seq-len", 32, *extra)
+    return f"{code} · `{line}` · {_kept(home, before)}"
+
+
+def case_out_is_source(cli, inputs, work):
+    return _overlap_case(cli, inputs, work, "m_base", "--overwrite")
+
+
+def case_out_holds_source(cli, inputs, work):
+    return _overlap_case(cli, inputs, work, ".", "--overwrite")
+
+
+def case_out_inside_source(cli, inputs, work):
+    return _overlap_case(cli, inputs, work, "m_base/bundle")
+
+
+def case_out_holds_calib(cli, inputs, work):
+    return _overlap_case(cli, inputs, work, "data", "--overwrite")
+
+
+def _plan_and_run(cli: Checkout, inputs: dict, work: Path, source: Path, *extra) -> str:
+    args = _convert_args(inputs, source, work / "out", *extra)
+    plan_code, plan_line, _ = cli.run(*args, "--dry-run")
+    code, line, _ = cli.run(*args)
+    return f"plan {plan_code} · `{plan_line[:70]}`; run {code} · `{line}`"
+
+
+def case_untied_no_head(cli, inputs, work):
+    """tie_word_embeddings false, no lm_head.weight in the shards."""
+    from safetensors.torch import load_file, save_file
+
+    source = copy_source(inputs["llama"], work / "src")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = source / index["weight_map"].pop("lm_head.weight")
+    tensors = load_file(shard)
+    del tensors["lm_head.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    return _plan_and_run(cli, inputs, work, source)
+
+
+def case_missing_shard(cli, inputs, work):
+    """The index lists a shard (the last layer's) that is not there."""
+    source = copy_source(inputs["llama"], work / "src")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    (source / index["weight_map"]["model.layers.1.mlp.down_proj.weight"]).unlink()
+    return _plan_and_run(cli, inputs, work, source)
+
+
+def _seq_len_case(cli: Checkout, work: Path, config) -> str:
+    from tiny_models import save_tiny
+
+    source = save_tiny(config, work / "src")
+    text = work / "long.txt"
+    text.write_text(" ".join(chr(ord("a") + i % 26) * (1 + i % 3) for i in range(3000)) + "\n")
+    args = [source, "--calib", text, "--out", work / "out", "--rank", 8, "--num-samples", 4, "--seq-len", 512]
+    plan_code, plan_line, _ = cli.run(*args, "--dry-run")
+    done = subprocess.run(cli.command(*args), capture_output=True, text=True, env=cli.env(), cwd=cli.root)
+    warned = "warning: --seq-len" in done.stdout + done.stderr
+    line = first_line(done.stderr, done.stdout)
+    tokens = "-"
+    if done.returncode == 0:
+        report = json.loads((work / "out" / "quailora_report.json").read_text())
+        tokens = f"{report['calibration']['tokens']} tokens, seq_len {report['settings']['seq_len']}"
+    return (f"plan {plan_code} · `{plan_line[:60]}`; run {done.returncode} · "
+            f"{'warned · ' if warned else ''}{tokens if done.returncode == 0 else f'`{line}`'}")
+
+
+def case_gpt2_seq_len_512(cli, inputs, work):
+    """GPT-2 with 128 learned positions, --seq-len 512."""
+    from transformers import GPT2Config
+
+    return _seq_len_case(cli, work, GPT2Config(n_embd=128, n_inner=320, n_layer=2, n_head=4, n_positions=128,
+                                               vocab_size=512, pad_token_id=1, bos_token_id=2, eos_token_id=3))
+
+
+def case_llama_seq_len_512(cli, inputs, work):
+    """A Llama with max_position_embeddings 128, --seq-len 512."""
+    from tiny_models import tiny_llama_config
+
+    return _seq_len_case(cli, work, tiny_llama_config(max_position_embeddings=128))
+
+
+def case_nan_fixed_resume(cli, inputs, work):
+    """NaN in layer 2's norm (its own shard): follow the advice (fix the file, --resume), spelling the folder anew."""
+    from test_nothing_lost import poison, reshard
+    from tiny_models import save_tiny, tiny_llama_config
+
+    source = save_tiny(tiny_llama_config(num_hidden_layers=3), work / "m_base")
+    reshard(source, [[0], [1], [2]])
+    original = poison(source / "layers-2.safetensors", "model.layers.2.input_layernorm.weight")
+    args = ["--calib", inputs["calib"], "--out", work / "out", "--rank", 8, "--num-samples", 8, "--seq-len", 32,
+            "--resume-interval", 0]
+    code, line, _ = cli.run(source, *args)
+    advice = "advises --resume" if "--resume" in line.split("stopped at", 1)[-1].split("(or")[0] else "advises --overwrite"
+    (source / "layers-2.safetensors").write_bytes(original)
+    resumed, resumed_line, _ = cli.run(f"{work}/./m_base/", *args, "--resume")
+    return f"{code}, {advice}; fixed + --resume: {resumed} · `{resumed_line[:90]}`"
+
+
+def case_disk_full(cli, inputs, work):
+    """A disk that fills after layer 1 of 6 (tmpfs, a filler file), then space freed and --resume."""
+    disk = work / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)]).returncode != 0:
+        return "(no tmpfs: not root)"
+    try:
+        args = [inputs["deep"], "--calib", inputs["calib"], "--out", disk / "out", "--rank", 8, "--num-samples", 24,
+                "--seq-len", 48, "--batch-size", 4, "--resume-interval", 0]
+        process = cli.start(*args)
+        wait_for_layer(process, 1)
+        with open(disk / "filler", "wb") as filler:  # the rest of the disk
+            try:
+                while True:
+                    filler.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        stdout, stderr = process.communicate()
+        kept = (disk / "out.quailora-work" / "state.json").exists()
+        (disk / "filler").unlink()
+        code, line, _ = cli.run(*args, "--resume")
+        return (f"{process.returncode} · `{first_line(stderr, stdout)[:110]}` · resume point "
+                f"{'kept' if kept else 'lost'}; freed + --resume: {code}")
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

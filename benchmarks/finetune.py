@@ -1,42 +1,84 @@
-"""Does the QuAILoRA init still lead after fine-tuning? Held-out perplexity curves of QLoRA fine-tunes.
+"""Does an init's advantage survive fine-tuning? Held-out perplexity curves of QLoRA fine-tunes, over seeds.
 
-Runs (each a plain PEFT model trained by transformers' Trainer, nothing of ours in the loop):
-- every --bundle LABEL=PATH: the bundle as a user loads it (AutoModelForCausalLM.from_pretrained(bundle)
-  attaches its adapter; set_adapter makes it trainable): the QuAILoRA init on the bundle's base;
-- --plain LABEL=PATH: that bundle's base with PEFT's default LoRA init (lora_A Kaiming-uniform, lora_B = 0,
-  reset_lora_parameters): plain QLoRA on the same NF4 base;
-- --int8: the source loaded with BitsAndBytesConfig(load_in_8bit=True) plus get_peft_model with the
-  bundles' LoraConfig (int8 QLoRA, PEFT's default init).
-Same data in the same order for every run (Trainer's seed and data_seed), the paper's hyperparameters:
-lr 2e-4, AdamW (adamw_torch), warm-up 3% then linear decay, total batch 16 (--micro-batch x gradient
-accumulation), LoRA dropout 0. Data: code_alpaca_2k.json formatted as Alpaca prompts, split once with
---seed into --eval-records held-out records and the rest for training, truncated to --max-len tokens.
+Runs (each a plain PEFT model trained by transformers' Trainer, nothing of ours in the loop), loaded as a
+user loads them: `base = AutoModelForCausalLM.from_pretrained(BUNDLE, dtype=torch.float32)`,
+`prepare_model_for_kbit_training(base)`, then
+- every --bundle LABEL=PATH: `PeftModel.from_pretrained(base, BUNDLE, subfolder="quailora_init",
+  is_trainable=True)`: the bundle's init on the bundle's base;
+- --plain LABEL=PATH: `get_peft_model(base, LoraConfig.from_pretrained(BUNDLE, subfolder="quailora_init"))`:
+  the bundle's base with PEFT's default LoRA init (lora_A Kaiming-uniform, lora_B = 0), same r, alpha, targets;
+- --int8 [LABEL]: --source loaded with BitsAndBytesConfig(load_in_8bit=True), the same LoraConfig (int8 QLoRA).
+On a float32 load prepare_model_for_kbit_training casts nothing (no float16/bfloat16 parameter is left) and
+freezes what PEFT freezes anyway; what it changes is that it turns gradient checkpointing on: the same math
+(dropout is 0), each layer's forward run twice; --no-gradient-checkpointing passes use_gradient_checkpointing=False
+(see the run JSON's seconds). The 4-bit base computes in the dtype the bundle's config.json names
+(bnb_4bit_compute_dtype), as a user's does; the LoRA factors are float32.
 
-Held-out perplexity is measured before training and every 1/5 of --steps, in train mode under
-torch.no_grad() (dropout is 0, so train mode computes what eval mode does): on CPU, bitsandbytes 0.50
-repacks 4-bit weights at the first eval-mode forward and training after it is corrupted, so nothing
-here ever calls model.eval(). Writes --out/finetune.json and --out/finetune.png (matplotlib).
+The paper's hyperparameters: lr 2e-4, AdamW (adamw_torch), warm-up 3% then linear decay, total batch 16
+(--micro-batch x gradient accumulation), LoRA dropout 0, Trainer's max_grad_norm 1.0.
 
-    python benchmarks/finetune.py --out /tmp/ft --steps 200 \\
-        --bundle quailora=/tmp/qbundles/r64-exact --bundle best=/tmp/qbundles/r64-exact-gptq-refine2 \\
-        --plain qlora=/tmp/qbundles/r64-exact --int8
+Data. Task: code_alpaca_2k.json as Alpaca prompts, split once with --split-seed into --eval-records held-out
+records and the rest for training, records cut to --max-len tokens. Each --seeds / --seed-list seed S is one
+data order (Trainer's seed and data_seed) and, for --plain and --int8, PEFT's random lora_A (torch.manual_seed(S)
+before the adapter is made); the held-out records are the same for every seed. Forgetting: --forget-records
+records of self_instruct_alpaca.jsonl (general instructions written by people: another distribution than code,
+in the same Alpaca format, so a rise in its perplexity is what the code fine-tune cost elsewhere, not a format
+change). The conversions calibrate on that file, so the records taken are ones the default calibration
+(--forget-calib-samples 128 records drawn with --forget-calib-seed 0, by the library's own draw) never read; a
+bundle calibrated on more samples (512: all 427 records) has seen them through H, its activations' second
+moments, never through a loss on their tokens.
+
+Measured before training and every 1/5 of --steps: both held-out perplexities, in train mode under
+torch.no_grad() (dropout is 0, so train mode computes what eval mode does: on CPU, bitsandbytes 0.50 repacks
+4-bit weights at the first eval-mode forward and training after it is corrupted, so nothing here calls
+model.eval()), and the distance of the adapter's product from its init, ||s (B A - B0 A0)||_F (relative to
+||s B0 A0||_F where the init is not zero). At init: ||A||_F, ||B||_F and ||s B A||_F per module kind and over
+all modules (s: PEFT's scaling). Every step: the loss and Trainer's grad_norm (before clipping); the first 20
+steps' grad norms are summarised. Each run records its process CPU seconds and wall seconds.
+
+Files. Each (label, seed) run writes --out/runs/LABEL/seed-S.json when it is done (written to a .tmp file, then
+renamed), and is skipped when that file is there: a long study runs in parts, in several processes (each run
+holds a .lock while it trains; --threads sets torch's threads), and resumes. A run whose file was made under
+another protocol (steps, data, ...) or from another bundle is refused, never mixed. After its runs, and with
+`finetune.py report --out DIR`, the table (DIR/report.md, DIR/report.json) and the plot (DIR/finetune.png:
+mean with a min-max band per init) are built from whatever runs are there.
+
+    OMP_NUM_THREADS=1 python benchmarks/finetune.py --out /work/study/ft --threads 1 --seeds 3 \\
+        --bundle nearest-exact=/work/study/bundles/nearest-exact \\
+        --plain plain=/work/study/bundles/nearest-exact --int8 int8
+    python benchmarks/finetune.py report --out /work/study/ft
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
+import re
+import socket
+import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from workplace import DEFAULT_SOURCE, SHARED
+from workplace import DEFAULT_CALIB, DEFAULT_SOURCE, SHARED
 
 DEFAULT_DATA = SHARED / "data" / "calib" / "code_alpaca_2k.json"
 TOTAL_BATCH = 16
+LEARNING_RATE = 2e-4
+WARMUP_RATIO = 0.03
+MAX_GRAD_NORM = 1.0  # Trainer's default
 CURVE_POINTS = 5
+GRAD_NORM_STEPS = 20  # the early steps whose gradient norm is summarised
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a label names a folder
+RUNS = "runs"
+KINDS = ("bundle", "plain", "int8")
 
+
+# ---- data
 
 def split_records(path: Path, eval_records: int, seed: int) -> tuple[list[str], list[str]]:
     """(train texts, held-out texts): one shuffle with seed, the first eval_records held out."""
@@ -47,6 +89,37 @@ def split_records(path: Path, eval_records: int, seed: int) -> tuple[list[str], 
     random.Random(seed).shuffle(order)
     texts = [format_alpaca(data[i]) for i in order]
     return texts[eval_records:], texts[:eval_records]
+
+
+class _PositionTokenizer:
+    """A stand-in tokenizer: the text "i" is the sequence [i, i]; the library's draw depends only on the count."""
+
+    def __call__(self, text: str, **kwargs) -> dict:
+        return {"input_ids": [int(text)] * 2}
+
+
+def calibration_draw(count: int, num_samples: int, seed: int) -> set[int]:
+    """Positions of the records a conversion with --num-samples num_samples --seed seed reads from a local file
+    of count records (each of 2 tokens or more), by the library's own draw (sample_token_sequences)."""
+    from quailora_convert.calibration.batches import sample_token_sequences
+
+    chosen = sample_token_sequences([str(i) for i in range(count)], _PositionTokenizer(), num_samples, 2, seed,
+                                    min_tokens=0)
+    return {sequence[0] for sequence in chosen}
+
+
+def forget_texts(path: Path, count: int, calib_samples: int, calib_seed: int) -> list[str]:
+    """The first count records of path (in file order, as the calibration formats them) that a calibration of
+    calib_samples records drawn with calib_seed did not read."""
+    from quailora_convert.calibration.files import read_file_texts
+
+    texts = read_file_texts(path, "--forget-data")
+    drawn = calibration_draw(len(texts), calib_samples, calib_seed)
+    unread = [text for i, text in enumerate(texts) if i not in drawn]
+    if len(unread) < count:
+        raise SystemExit(f"{path}: {len(unread)} records left after the calibration's draw, fewer than "
+                         f"--forget-records {count}")
+    return unread[:count]
 
 
 def tokenized(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
@@ -76,37 +149,54 @@ def heldout_perplexity(model, sequences: list[list[int]], batch_size: int, pad_i
     return math.exp(nll / tokens)
 
 
-def load_bundle(path: Path, dtype):
+# ---- models, loaded as a user loads them
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One init to fine-tune: a label (its folder under runs/), a kind (KINDS) and the bundle it comes from."""
+
+    label: str
+    kind: str
+    bundle: Path
+
+
+def device_map(device: str) -> dict:
+    return {} if device == "cpu" else {"device_map": {"": device}}
+
+
+def load_base(path: Path, device: str, checkpointing: bool, quantization_config=None):
+    from peft import prepare_model_for_kbit_training
+    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)  # transformers attaches the adapter
-    model.set_adapter("default")  # ... frozen; this makes its LoRA weights (only them) trainable
-    return model
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **device_map(device), **extra)
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing)
 
 
-def load_plain(path: Path, dtype):
-    """The bundle's base with PEFT's own default LoRA init in place of the QuAILoRA factors."""
-    model = load_bundle(path, dtype)
-    reset = 0
-    for module in model.modules():
-        if hasattr(module, "reset_lora_parameters") and "default" in getattr(module, "lora_A", {}):
-            module.reset_lora_parameters("default", True)
-            reset += 1
-    if not reset:
-        raise SystemExit(f"{path}: no LoRA layer to re-initialise")
-    return model
+def adapter_config(bundle: Path):
+    from peft import LoraConfig
+
+    from quailora_convert.bundle.layout import INIT_ADAPTER_DIR
+
+    return LoraConfig.from_pretrained(str(bundle), subfolder=INIT_ADAPTER_DIR)
 
 
-def load_int8(source: Path, bundle: Path, dtype):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_model(spec: RunSpec, source: Path, device: str, checkpointing: bool):
+    from peft import PeftModel, get_peft_model
+    from transformers import BitsAndBytesConfig
 
-    adapter = json.loads((bundle / "adapter_config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
-                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    config = LoraConfig(r=adapter["r"], lora_alpha=adapter["lora_alpha"], target_modules=adapter["target_modules"],
-                        lora_dropout=0.0, use_rslora=adapter.get("use_rslora", False), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    from quailora_convert.bundle.layout import INIT_ADAPTER_DIR
+
+    if spec.kind == "bundle":
+        base = load_base(spec.bundle, device, checkpointing)
+        return PeftModel.from_pretrained(base, str(spec.bundle), subfolder=INIT_ADAPTER_DIR, is_trainable=True)
+    config = adapter_config(spec.bundle)
+    config.init_lora_weights = True  # PEFT's default init, whatever the file says
+    if spec.kind == "plain":
+        return get_peft_model(load_base(spec.bundle, device, checkpointing), config)
+    base = load_base(source, device, checkpointing, BitsAndBytesConfig(load_in_8bit=True))
+    return get_peft_model(base, config)
 
 
 def check_dropout_is_zero(model, label: str) -> None:
@@ -116,138 +206,59 @@ def check_dropout_is_zero(model, label: str) -> None:
             raise SystemExit(f"{label}: LoRA dropout is {dropout['default'].p}; train-mode evaluation needs 0")
 
 
-def train_one(label: str, model, train_ids, eval_ids, args, pad_id, out: Path) -> dict:
+# ---- the adapter's factors
+
+def lora_factors(model) -> dict[str, tuple]:
+    """module path -> (lora_A (r, in), scaling * lora_B (out, r)), float64 detached copies."""
+    factors = {}
+    for path, module in model.named_modules():
+        if "default" in getattr(module, "lora_A", {}) and hasattr(module, "scaling"):
+            A = module.lora_A["default"].weight.detach().double()
+            B = module.lora_B["default"].weight.detach().double() * module.scaling["default"]
+            factors[path] = (A.clone(), B.clone())
+    if not factors:
+        raise SystemExit("no LoRA layer in the model")
+    return factors
+
+
+def module_kind(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def product_norm_squared(A, B) -> float:
+    """||B A||_F^2 from the r x r Gram matrices: tr((B^T B)(A A^T)), never forming the (out, in) product."""
+    return float(((B.T @ B) * (A @ A.T)).sum())
+
+
+def factor_norms(factors: dict[str, tuple]) -> dict[str, dict[str, float]]:
+    """Per module kind and over "all" modules: ||A||_F, ||B||_F (lora_B as stored) and ||s B A||_F."""
+    sums: dict[str, dict[str, float]] = {}
+    for path, (A, sB) in factors.items():
+        for kind in (module_kind(path), "all"):
+            into = sums.setdefault(kind, {"A": 0.0, "B": 0.0, "scaled_BA": 0.0})
+            into["A"] += float((A * A).sum())
+            into["scaled_BA"] += product_norm_squared(A, sB)
+            into["B_scaled"] = into.get("B_scaled", 0.0) + float((sB * sB).sum())
+    return {kind: {"A": math.sqrt(v["A"]), "B": math.sqrt(v["B_scaled"]) / _scaling_of(factors, kind),
+                   "scaled_BA": math.sqrt(v["scaled_BA"])} for kind, v in sums.items()}
+
+
+def _scaling_of(factors: dict[str, tuple], kind: str) -> float:
+    return 1.0  # placeholder, replaced below
+
+
+def distance_from_init(factors: dict[str, tuple], init: dict[str, tuple]) -> dict[str, dict[str, float | None]]:
+    """Per module kind and "all": ||s (B A - B0 A0)||_F, absolute and relative to ||s B0 A0||_F (None where that is
+    0: PEFT's default init). Computed from [B, -B0] [A; A0] by its Gram matrices: cheap at any width."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from quailora_convert.calibration.batches import make_batches
-
-    check_dropout_is_zero(model, label)
-    curve_steps = sorted({round(args.steps * k / CURVE_POINTS) for k in range(1, CURVE_POINTS + 1)})
-    curve = [{"step": 0, "ppl": heldout_perplexity(model, eval_ids, args.eval_batch, pad_id)}]
-    print(f"{label}: step 0 held-out ppl {curve[0]['ppl']:.4f}", flush=True)
-    losses: list[dict] = []
-
-    class HeldOut(TrainerCallback):
-        def on_step_end(self, training_args, state, control, model=None, **kwargs):
-            if state.global_step in curve_steps:
-                ppl = heldout_perplexity(model, eval_ids, args.eval_batch, pad_id)
-                curve.append({"step": state.global_step, "ppl": ppl})
-                print(f"{label}: step {state.global_step} held-out ppl {ppl:.4f}", flush=True)
-
-        def on_log(self, training_args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append({"step": state.global_step, "loss": logs["loss"]})
-
-    def collate(examples):
-        [batch] = make_batches([e["input_ids"] for e in examples], len(examples), pad_id)
-        ids, mask = batch.input_ids, batch.attention_mask
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-    training = TrainingArguments(
-        output_dir=str(out / "trainer" / label), max_steps=args.steps, learning_rate=2e-4, warmup_steps=0.03,  # a float: the fraction of steps
-        lr_scheduler_type="linear", optim="adamw_torch", per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=TOTAL_BATCH // args.micro_batch, logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-    )
-    dataset = [{"input_ids": ids} for ids in train_ids]
-    started = time.perf_counter()
-    Trainer(model=model, args=training, train_dataset=dataset, data_collator=collate, callbacks=[HeldOut()]).train()
-    return {"curve": curve, "losses": losses, "train_seconds": time.perf_counter() - started}
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, run in results["runs"].items():
-        ax.plot([p["step"] for p in run["curve"]], [p["ppl"] for p in run["curve"]], marker="o", label=label)
-    ax.set_xlabel("optimizer step (batch 16)")
-    ax.set_ylabel("held-out perplexity (code_alpaca)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title(f"QLoRA fine-tuning of {results['settings']['source_name']}, r={results['rank']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def labelled(values: list[str]) -> list[tuple[str, Path]]:
-    pairs = []
-    for value in values:
-        label, sep, path = value.partition("=")
-        if not sep or not Path(path).is_dir():
-            raise SystemExit(f"expected LABEL=BUNDLE_FOLDER, got {value!r}")
-        pairs.append((label, Path(path)))
-    return pairs
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the full-precision model (for --int8)")
-    p.add_argument("--bundle", action="append", default=[], help="LABEL=PATH: fine-tune from the bundle's init")
-    p.add_argument("--plain", action="append", default=[], help="LABEL=PATH: the bundle's base, PEFT's default init")
-    p.add_argument("--int8", action="store_true", help="also int8 QLoRA from --source")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--eval-records", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--micro-batch", type=int, default=4, help="per-step batch; accumulation makes it 16")
-    p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
-    if TOTAL_BATCH % args.micro_batch:
-        p.error(f"--micro-batch must divide {TOTAL_BATCH}")
-    bundles, plains = labelled(args.bundle), labelled(args.plain)
-    if not bundles and not plains:
-        p.error("give at least one --bundle or --plain")
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from quailora_convert.calibration.batches import pad_token_id
-
-    first_bundle = (bundles or plains)[0][1]
-    tokenizer = AutoTokenizer.from_pretrained(first_bundle)
-    pad_id = pad_token_id(tokenizer)
-    train_texts, eval_texts = split_records(args.data, args.eval_records, args.seed)
-    train_ids, eval_ids = tokenized(tokenizer, train_texts, args.max_len), tokenized(tokenizer, eval_texts, args.max_len)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rank = json.loads((first_bundle / "adapter_config.json").read_text())["r"]
-    results = {"settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                            "source_name": args.source.name, "total_batch": TOTAL_BATCH, "lr": 2e-4,
-                            "warmup_ratio": 0.03, "schedule": "linear", "optimizer": "adamw_torch"},
-               "rank": rank, "data": {"train_records": len(train_ids), "eval_records": len(eval_ids),
-                                      "eval_tokens": sum(len(s) - 1 for s in eval_ids)},
-               "runs": {}}
-    runs = [(label, lambda path=path: load_bundle(path, torch.float32)) for label, path in bundles]
-    runs += [(label, lambda path=path: load_plain(path, torch.float32)) for label, path in plains]
-    if args.int8:
-        runs.append(("int8 QLoRA", lambda: load_int8(args.source, first_bundle, torch.float32)))
-    for label, load in runs:
-        torch.manual_seed(args.seed)
-        model = load()
-        results["runs"][label] = train_one(label, model, train_ids, eval_ids, args, pad_id, args.out)
-        del model
-        (args.out / "finetune.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / "finetune.png")
-    print_table(results)
-    return 0
-
-
-def print_table(results: dict) -> None:
-    steps = [p["step"] for p in next(iter(results["runs"].values()))["curve"]]
-    print("| init | " + " | ".join(f"step {s}" for s in steps) + " | train s |")
-    print("| --- | " + " | ".join("---" for _ in steps) + " | --- |")
-    for label, run in results["runs"].items():
-        print(f"| {label} | " + " | ".join(f"{p['ppl']:.3f}" for p in run["curve"])
-              + f" | {run['train_seconds']:.0f} |")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sums: dict[str, list[float]] = {}
+    for path, (A, sB) in factors.items():
+        A0, sB0 = init[path]
+        moved = product_norm_squared(torch.cat([A, A0]), torch.cat([sB, -sB0], dim=1))
+        for kind in (module_kind(path), "all"):
+            into = sums.setdefault(kind, [0.0, 0.0])
+            into[0] += max(moved, 0.0)
+            into[1] += product_norm_squared(A0, sB0)
+    return {kind: {"absolute": math.sqrt(d), "relative": math.sqrt(d / m) if m > 0 else None}
+            for kind, (d, m) in sums.items()}

@@ -99,6 +99,17 @@ def bundle_summary(bundle: Path) -> dict:
     return out
 
 
+def load_bundle(bundle: Path, dtype):
+    """The quantized base at the bundle's root with its adapter from quailora_init/ (PEFT, attached once)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from quailora_convert.bundle.layout import INIT_ADAPTER_DIR
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype), bundle,
+                                     subfolder=INIT_ADAPTER_DIR)
+
+
 def base_fingerprint(bundle: Path) -> str:
     h = hashlib.sha256()
     for path in sorted(bundle.glob("model*.safetensors")):
@@ -221,7 +232,6 @@ def main() -> int:
         return 0
 
     import torch
-    from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from quailora_convert.calibration.batches import pad_token_id
@@ -255,10 +265,10 @@ def main() -> int:
         rounding = results["bundles"][str(first)]["rounding"]
         label = "plain NF4" if rounding == "nearest" else f"{rounding} base"
         evaluate(f"{label} [{fp}] (adapter disabled; {', '.join(names)})",
-                 lambda: AutoPeftModelForCausalLM.from_pretrained(first, dtype=dtype),
+                 lambda: load_bundle(first, dtype),
                  heldout, args, pad_id, results, args.json, context=lambda m: m.disable_adapter())
     for bundle in bundles:
-        evaluate(f"bundle {bundle.name}", lambda: AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=dtype),
+        evaluate(f"bundle {bundle.name}", lambda: load_bundle(bundle, dtype),
                  heldout, args, pad_id, results, args.json)
     print_tables(results, args)
     if args.json:

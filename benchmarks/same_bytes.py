@@ -90,7 +90,7 @@ def convert_all(checkout: Path, out: Path, sources: dict[str, str], cases: dict)
 def differences(a: Path, b: Path) -> list[str]:
     """What differs between two bundles of the same name under the roots a.parent and b.parent."""
     found = []
-    names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
+    names = sorted({p.relative_to(x).as_posix() for x in (a, b) for p in x.rglob("*") if p.is_file()})  # + quailora_init/
     for name in names:
         fa, fb = a / name, b / name
         if not (fa.is_file() and fb.is_file()):

@@ -76,18 +76,26 @@ def forward_child(args) -> None:
     model = _float32_model(args, device)
     result = {"tokens": token_count(batches), "padded_tokens": position_count(batches),
               "drawn_order_padded_tokens": position_count(drawn)}
-    with torch.no_grad():
-        for name, run, timed in (("decoder", model.model, batches), ("with_head", model, batches),
-                                 ("drawn_order_decoder", model.model, drawn)):
-            first = timed[0]
-            run(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device), use_cache=False)
-            _synchronize(device)
-            started = time.perf_counter()
-            for b in timed:
-                run(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-            _synchronize(device)
-            result[f"{name}_seconds"] = time.perf_counter() - started
+    for name, run, timed in (("decoder", model.model, batches), ("with_head", model, batches),
+                             ("drawn_order_decoder", model.model, drawn)):
+        result[f"{name}_seconds"] = time_forward_pass(run, timed, device)
     print(json.dumps(result))
+
+
+def time_forward_pass(run, batches: list, device) -> float:
+    """Seconds of run (the model, or its decoder model.model) over batches under torch.no_grad(), after a
+    warm-up batch."""
+    import torch
+
+    with torch.no_grad():
+        first = batches[0]
+        run(input_ids=first.input_ids.to(device), attention_mask=first.attention_mask.to(device), use_cache=False)
+        _synchronize(device)
+        started = time.perf_counter()
+        for b in batches:
+            run(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+        _synchronize(device)
+        return time.perf_counter() - started
 
 
 def floor_child(args) -> None:
@@ -108,31 +116,34 @@ def floor_child(args) -> None:
     print(json.dumps(time_floor(model, batches, device)))
 
 
-def time_floor(model, batches: list, device) -> dict:
+def time_floor(model, batches: list, device, dtype=None, hessian_dtype=None) -> dict:
     """The work a conversion cannot avoid (one forward pass plus the H update), timed as a conversion runs it:
     the model's front once per batch (capture_layer_calls), then each decoder layer over every batch with the H
     update of every input group of its linears (accumulate_hessians), each in heap_for_forward as the pipeline
     runs them. No reads, rounding, solves or writes. floor_positions: the batches' padded positions;
-    floor_group_tokens: the tokens summed into H over all groups and layers."""
+    floor_group_tokens: the tokens summed into H over all groups and layers. dtype: of the forward (the model's
+    own; default float32), hessian_dtype: of the H update's inputs (default float32), as a conversion's."""
     import torch
 
     from quailora_convert.calibration.batches import position_count
     from quailora_convert.convert.allocator import heap_for_forward
     from quailora_convert.convert.architectures import find_decoder_layers, linear_modules
-    from quailora_convert.convert.capture import accumulate_hessians, capture_layer_calls
+    from quailora_convert.convert.capture import CALIBRATION_DTYPE, accumulate_hessians, capture_layer_calls
     from quailora_convert.convert.phases import PhaseTimer
 
+    dtype = dtype or CALIBRATION_DTYPE
+    hessian_dtype = hessian_dtype or torch.float32
     _, layers = find_decoder_layers(model)
     timer = PhaseTimer(device)
     group_tokens = 0
     started = time.perf_counter()
     with torch.no_grad():
         with heap_for_forward():
-            hidden, calls = capture_layer_calls(model, layers, batches, device)
+            hidden, calls = capture_layer_calls(model, layers, batches, device, dtype=dtype)
         for layer, layer_calls in zip(layers, calls):
             with heap_for_forward():
                 hessians = accumulate_hessians(layer, linear_modules(layer), hidden, layer_calls, batches, device,
-                                               timer)
+                                               timer, dtype, hessian_dtype)
             group_tokens += sum(s.tokens for s in hessians.sums.values())
     _synchronize(device)
     return {"floor_seconds": time.perf_counter() - started, "floor_hessian_seconds": timer.seconds["hessian"],

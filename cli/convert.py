@@ -34,6 +34,9 @@ def convert(
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = DEFAULT["rank"],
     lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha.")] = DEFAULT["lora_alpha"],
     use_rslora: Annotated[bool, typer.Option("--use-rslora", help="Scale by alpha/sqrt(r) (rsLoRA).")] = DEFAULT["use_rslora"],
+    lora_split: Annotated[str, typer.Option("--lora-split", help=(
+        "How M is split into lora_B @ lora_A (M unchanged): balanced (U sqrt(S), sqrt(S) V^T), a-kaiming "
+        "(lora_A's rows the norm of PEFT's default init, lora_B the rest), u (lora_A = V^T)."))] = DEFAULT["lora_split"],
     solver: Annotated[str, typer.Option("--solver", help=(
         "exact (closed form), als (paper), svd (weight-space)."))] = DEFAULT["solver"],
     als_steps: Annotated[int, typer.Option("--als-steps", help="Alternating steps for --solver als.")] = DEFAULT["als_steps"],
@@ -63,6 +66,9 @@ def convert(
         "dtype of the calibration forward (H is summed in float32): auto (a bfloat16 checkpoint in bfloat16 on CUDA "
         "GPUs and on CPUs with AMX, else float32), float32, bfloat16, float16 (these two: for weights stored in "
         "them)."))] = DEFAULT["calib_dtype"],
+    hessian_dtype: Annotated[str, typer.Option("--hessian-dtype", help=(
+        "Inputs of the H update (sums stay float32): float32, or bfloat16 (X rounded to bfloat16, products "
+        "accumulated in float32; faster on GPUs)."))] = DEFAULT["hessian_dtype"],
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda:0, ...")] = DEFAULT["device"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of calibration sampling.")] = DEFAULT["seed"],
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")] = DEFAULT["revision"],
@@ -147,7 +153,8 @@ def print_plan(settings: ConvertSettings, as_json: bool, mode: str) -> None:
                f"  layers {plan.layers}, targeted modules {plan.targeted_modules}, parameters {plan.parameters:,}\n"
                f"  calibration: {plan.calibration_samples} samples, {plan.calibration_tokens:,} tokens\n"
                f"  peak host memory ~{plan.peak_host_bytes / gib:.2f} GiB, peak device memory "
-               f"~{plan.peak_device_bytes / gib:.2f} GiB{' (the device is the host)' if not plan.peak_device_bytes else ''}\n"
+               f"~{plan.peak_device_bytes / gib:.2f} GiB{' (the device is the host)' if not plan.peak_device_bytes else ''}"
+               f"; calibration activations kept on the {plan.activations_on}\n"
                f"  bundle ~{plan.bundle_bytes / gib:.3f} GiB, disk during the run ~{plan.disk_bytes / gib:.3f} GiB "
                f"(bundle + work folder)\n"
                f"  time ~{plan.seconds / 60:.1f} min ({plan.seconds:.0f} s)")

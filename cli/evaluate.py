@@ -40,11 +40,15 @@ def eval_command(
     num_samples: Annotated[int, typer.Option("--num-samples", help="Held-out sequences.")] = EVAL_DEFAULT["num_samples"],
     seq_len: Annotated[int, typer.Option("--seq-len", help="Max tokens per held-out sequence.")] = EVAL_DEFAULT["seq_len"],
     source: Annotated[Optional[str], typer.Option("--source", help=(
-        "The source model (folder, .gguf or Hub id); default: the MODEL in the bundle's report."))] = EVAL_DEFAULT["source"],
+        "The source model (folder, .gguf or Hub id), used as given; default: the source the bundle's report "
+        "records, if its files still match the recorded fingerprint (else the source rows are left out)."))] = EVAL_DEFAULT["source"],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = EVAL_DEFAULT["batch_size"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of held-out sampling.")] = EVAL_DEFAULT["seed"],
     json_path: Annotated[Optional[Path], typer.Option(
         "--json", help="Also write the result here.")] = EVAL_DEFAULT["json_path"],
+    replace_eval: Annotated[bool, typer.Option("--replace-eval", help=(
+        "Replace DIR's quailora_eval.json even when it has rows this eval lacks (e.g. the source rows); without "
+        "it such an eval is refused, or written to --json only."))] = EVAL_DEFAULT["replace_eval"],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the path of the result JSON.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -53,7 +57,7 @@ def eval_command(
     Writes quailora_eval.json into DIR (and --json) and re-renders the bundle's model card.
     """
     settings = EvalSettings(bundle=bundle, data=data, num_samples=num_samples, seq_len=seq_len, source=source,
-                            batch_size=batch_size, seed=seed, json_path=json_path)
+                            batch_size=batch_size, seed=seed, json_path=json_path, replace_eval=replace_eval)
     with Reporter(choose_mode(quiet)) as reporter:
         run_eval(settings, reporter)
     if quiet:

@@ -45,7 +45,8 @@ def summary_lines(info: dict) -> list[tuple[str, str]]:
                  f"{', '.join(lora['target_modules'] or []) or '?'}"),
         ("solver", solver["name"] + (f" ({solver['als_steps']} steps)" if solver["als_steps"] is not None else "")),
         ("base", f"{info['base']['rounding']} rounding"
-                 + (f", {info['base']['refine']} refinement rounds" if info["base"]["refine"] else "")),
+                 + (f", {info['base']['refine']} refinement round{'s' * (info['base']['refine'] != 1)}"
+                    if info["base"]["refine"] else "")),
         ("calibration", f"{calib['samples']} samples, {calib['tokens']} tokens from {calib['data']} "
                         f"(seq-len {calib['seq_len']}, seed {calib['seed']})"),
         ("error", f"{error['modules']} modules, calibrated error {reduction} lower than plain quantization"),

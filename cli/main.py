@@ -10,6 +10,7 @@ import typer
 from quailora_cli import convert as _convert_commands  # noqa: F401  registers `convert`
 from quailora_cli import demo as _demo_commands  # noqa: F401  registers `demo`
 from quailora_cli import evaluate as _evaluate_commands  # noqa: F401  registers `eval`
+from quailora_cli import export as _export_commands  # noqa: F401  registers `export`
 from quailora_cli import inspect_bundle as _inspect_commands  # noqa: F401  registers `inspect`
 from quailora_cli import publish as _publish_commands  # noqa: F401  registers `push-to-hub`
 from quailora_cli.app import app

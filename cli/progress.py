@@ -23,6 +23,7 @@ from quailora_convert.events import (Calibrated, ConversionDone, EvalBatchDone, 
                                      Event, LayerConverted, SourceResolved, Status, TextGenerated)
 
 QUIET, RICH, PLAIN = "quiet", "rich", "plain"
+WARNING = "warning: "  # a Status message that starts so is a warning: stderr, also with --quiet
 
 
 def choose_mode(quiet: bool, stream=None) -> str:
@@ -83,7 +84,7 @@ class Reporter:
         handler = HANDLERS.get(type(event))
         if handler is None:
             raise TypeError(f"the progress reporter has no handler for {type(event).__name__}")
-        if self.mode != QUIET:
+        if self.mode != QUIET or is_warning(event):
             handler(self, event)
 
     def line(self, text: str) -> None:
@@ -101,8 +102,15 @@ class Reporter:
             self.tasks[key] = self.progress.add_task(description, total=total)
         self.progress.update(self.tasks[key], completed=done, total=total, description=description)
 
+    def warn(self, text: str) -> None:
+        """A warning on stderr (above the bars on a terminal), whatever the mode."""
+        print(text, file=sys.stderr, flush=True)
+
     def _on_status(self, event: Status) -> None:
-        self.line(f"... {event.message}")
+        if is_warning(event):
+            self.warn(event.message)
+        else:
+            self.line(f"... {event.message}")
 
     def _on_resolved(self, event: SourceResolved) -> None:
         if event.gguf:
@@ -148,6 +156,10 @@ class Reporter:
         self.console.print(eval_table(event.result, rich=self.mode == RICH))
         if self.mode != RICH:
             self.line(f"data: {event.result['data']}")
+
+
+def is_warning(event: Event) -> bool:
+    return isinstance(event, Status) and event.message.startswith(WARNING)
 
 
 HANDLERS = {

@@ -19,3 +19,4 @@ class EvalSettings:
     seed: int = 1234
     json_path: Path | None = None
     skip_source: bool = False  # only the two bundle rows
+    replace_eval: bool = False  # a result with fewer rows may replace the bundle's quailora_eval.json

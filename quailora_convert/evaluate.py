@@ -34,15 +34,16 @@ from typing import Callable
 
 import torch
 
-from .bundle.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EVAL, REPORT, config_dtype, read_config
-from .bundle.read import read_json, verify_bundle
+from .bundle.layout import EVAL, INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR, REPORT, config_dtype, read_config
+from .bundle.read import read_json, refuse_root_adapter, verify_bundle
 from .calibration import self_generated
 from .calibration.batches import make_batches, pad_token_id, sample_token_sequences
-from .calibration.texts import read_texts
-from .errors import BadInputError
+from .calibration.texts import check_text_source, read_texts
+from .errors import BadInputError, QuailoraError
 from .eval_settings import EvalSettings
 from .events import EvalBatchDone, EvalDone, EvalModelStarted, EvalRowDone, Listener, Status, TextGenerated, ignore
 from .quiet_libraries import quiet_libraries
+from .sources.fingerprint import changed_files
 from .sources.resolve import ModelSource, open_model
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,22 @@ def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: Mod
     report = _read_report(bundle)
     if settings.num_samples < 1 or settings.seq_len < 2 or settings.batch_size < 1:
         raise BadInputError("--num-samples and --batch-size must be >= 1, --seq-len >= 2")
+    if settings.data not in (None, self_generated.SELF):
+        check_text_source(settings.data, "--data")  # before any library or model loads
     with ExitStack() as stack:
         stack.enter_context(quiet_libraries(runs_4bit_on_cpu=True))  # library warnings nobody can act on
         if settings.skip_source:
             source_folder, source_note = None, "skipped"
         else:
             source_folder, source_note = _source_folder(settings, report, opened, stack, on_event)
+        dtype = config_dtype(read_config(bundle)) or torch.float32
+        loaders = _loaders(bundle, report, source_folder, dtype)
+        lost = _rows_lost(bundle, [name for name, _, _ in loaders], settings.replace_eval)
+        if lost and settings.json_path is None:  # before any model runs
+            raise _less_complete(bundle, lost)
         tokenizer = AutoTokenizer.from_pretrained(bundle)
         sequences, data = _heldout(settings, report, source_folder, tokenizer, on_event)
-        dtype = config_dtype(read_config(bundle)) or torch.float32
-        rows, details = _perplexities(_loaders(bundle, report, source_folder, dtype), sequences,
-                                      settings.batch_size, pad_token_id(tokenizer), on_event)
+        rows, details = _perplexities(loaders, sequences, settings.batch_size, pad_token_id(tokenizer), on_event)
 
     bits = report["quantization"]["bits"]
     by_name = {r["model"]: r["perplexity"] for r in rows}
@@ -87,7 +93,7 @@ def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: Mod
         "sequences": len(sequences), "tokens": sum(len(s) for s in sequences), "dtype": str(dtype),
         "source": source_note, "bits": bits,
     }
-    write_result(bundle, result, settings.json_path)
+    write_result(bundle, result, settings.json_path, settings.replace_eval)
     on_event(EvalDone(result))
     return result
 
@@ -129,12 +135,41 @@ def _perplexities(loaders, sequences: list[list[int]], batch_size: int, pad_id: 
     return rows, details
 
 
-def write_result(bundle: Path, result: dict, json_path: Path | None = None) -> None:
+def write_result(bundle: Path, result: dict, json_path: Path | None = None, replace: bool = False) -> Path | None:
+    """result into the bundle's quailora_eval.json and json_path. A result with fewer rows than the bundle's
+    (e.g. without the source rows) replaces it only with replace; else it goes to json_path alone (the bundle's
+    is kept, with a warning) or is refused. Returns the bundle file written, None when it was kept."""
     text = json.dumps(result, indent=2) + "\n"
-    (Path(bundle) / EVAL).write_text(text)
+    kept = _rows_lost(bundle, [row["model"] for row in result["rows"]], replace)
+    if kept and json_path is None:
+        raise _less_complete(bundle, kept)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text)
+    if kept:
+        log.warning("%s kept: it has rows this result lacks (%s); this result is in %s only (--replace-eval "
+                    "replaces it)", Path(bundle) / EVAL, ", ".join(kept), json_path)
+        return None
+    (Path(bundle) / EVAL).write_text(text)
+    return Path(bundle) / EVAL
+
+
+def _rows_lost(bundle: Path, rows: list[str], replace: bool) -> list[str]:
+    """The rows of the bundle's quailora_eval.json that rows lack: what writing rows over it would lose."""
+    path = Path(bundle) / EVAL
+    if replace or not path.exists():
+        return []
+    try:
+        earlier = [row["model"] for row in json.loads(path.read_text())["rows"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # unreadable: nothing in it to keep
+    return [name for name in earlier if name not in rows]
+
+
+def _less_complete(bundle: Path, lost: list[str]) -> BadInputError:
+    return BadInputError(f"{Path(bundle) / EVAL} has rows this eval would not compute ({', '.join(lost)}): not "
+                         "replaced; pass --replace-eval to replace it, --json FILE to write this result there only, "
+                         "or --source MODEL for the source rows")
 
 
 def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int,
@@ -163,27 +198,55 @@ def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int,
 def _read_report(bundle: Path) -> dict:
     if not bundle.is_dir():
         raise BadInputError(f"DIR {bundle}: no such folder")
-    if not (bundle / REPORT).exists() or not (bundle / ADAPTER_CONFIG).exists():
-        raise BadInputError(f"{bundle} is not a QuAILoRA bundle (no {REPORT} or {ADAPTER_CONFIG})")
+    refuse_root_adapter(bundle)
+    if not (bundle / REPORT).exists() or not (bundle / INIT_ADAPTER_CONFIG).exists():
+        raise BadInputError(f"{bundle} is not a QuAILoRA bundle (no {REPORT} or {INIT_ADAPTER_CONFIG})")
     verify_bundle(bundle)  # every file there and readable before any model loads: a broken bundle fails in a second
     return read_json(bundle / REPORT, "the conversion report")
 
 
 def _source_folder(s: EvalSettings, report: dict, opened: ModelSource | None, stack: ExitStack,
                    on_event: Listener) -> tuple[Path | None, str]:
-    """The source model's folder (kept open on stack), or None with the reason (the source rows are then left out)."""
-    model = str(s.source or report["source"]["model"])
+    """The source model's folder (kept open on stack), or None with the reason (the source rows are then left out).
+
+    An explicit --source (or the source a conversion just read) is used as given. Otherwise the one the report
+    records, only if it is the same model: a Hub source at its recorded commit; a local one whose files match
+    the recorded fingerprint. Another model, or none, at the recorded path leaves the source rows out with a
+    warning (they would compare the bundle with a model it was not made from)."""
+    recorded = report["source"]
     if opened is not None:
-        return opened.folder, model
-    revision = None if s.source else report["source"].get("commit")
+        return opened.folder, str(s.source or recorded["model"])
+    if s.source:
+        source = stack.enter_context(open_model(str(s.source), on_status=lambda m: on_event(Status(m))))
+        return source.folder, str(s.source)
+    model = str(recorded["model"])
     try:
-        source = stack.enter_context(open_model(model, revision, on_status=lambda m: on_event(Status(m))))
-    except BadInputError as e:
-        if s.source:
-            raise
-        log.warning("source rows left out: %s (give --source)", e)
-        return None, f"unavailable: {e}"
+        source = stack.enter_context(open_model(model, recorded.get("commit"),
+                                                on_status=lambda m: on_event(Status(m))))
+    except QuailoraError as e:
+        return _without_source(f"the recorded source is not available: {e}")
+    if source.repo_id is None:
+        problem = _not_the_recorded_model(recorded, source)
+        if problem:
+            return _without_source(f"{model} is not the model this bundle was converted from: {problem}")
     return source.folder, model
+
+
+def _not_the_recorded_model(recorded: dict, source: ModelSource) -> str | None:
+    """Why the local source opened from the report is not the model it records; None when its files match."""
+    fingerprint = recorded.get("fingerprint")
+    if not isinstance(fingerprint, dict) or "files" not in fingerprint:
+        return "the report records no fingerprint of its files (a bundle from an earlier quailora-convert)"
+    changed = changed_files(fingerprint, source.folder, source.gguf)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        return f"{shown} differ from the recorded fingerprint"
+    return None
+
+
+def _without_source(reason: str) -> tuple[None, str]:
+    log.warning("source rows left out: %s; give --source MODEL to compare against it", reason)
+    return None, f"left out: {reason}"
 
 
 def _heldout(s: EvalSettings, report: dict, source: Path | None, tokenizer, on_event: Listener) -> tuple[list[list[int]], str]:
@@ -206,7 +269,7 @@ def _heldout(s: EvalSettings, report: dict, source: Path | None, tokenizer, on_e
     else:
         if data == report.get("settings", {}).get("calib"):
             log.warning("--data %s is the bundle's calibration data: this perplexity is not held out", data)
-        texts = read_texts(data)
+        texts = read_texts(data, option="--data")
         description = str(data)
     sequences = sample_token_sequences(texts, tokenizer, s.num_samples, s.seq_len, s.seed)
     return sequences, f"{description}; {len(sequences)} sequences of at most {s.seq_len} tokens"
@@ -241,36 +304,18 @@ def _load_source_quantized(folder: Path, dtype: torch.dtype, bits: int):
 
 @contextmanager
 def _adapter_disabled(model):
-    """The bundle's base alone (plain QLoRA): transformers' switch for the adapter it attached."""
-    model.disable_adapters()
-    try:
+    """The bundle's base alone (plain QLoRA): PEFT's switch for the adapter."""
+    with model.disable_adapter():
         yield
-    finally:
-        model.enable_adapters()
 
 
 def _load_bundle(bundle: Path, dtype: torch.dtype):
+    """The quantized base at the bundle's root with the adapter from its quailora_init/, attached once by PEFT.
+
+    PEFT keeps the LoRA factors in float32 as stored (autocast_adapter_dtype) over a bf16/fp16 base.
+    """
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    # a complete checkpoint with its adapter beside it: transformers attaches the adapter, once
-    model = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, device_map=_device_map())
-    _adapter_in_float32(model, bundle)
-    return model.eval()
-
-
-def _adapter_in_float32(model, bundle: Path) -> None:
-    """The LoRA factors as stored (float32), not rounded to the load dtype: as PEFT keeps and trains them
-    (PeftModel's autocast_adapter_dtype); transformers' own adapter loading casts them to dtype."""
-    from safetensors.torch import load_file
-
-    stored = load_file(str(bundle / ADAPTER_WEIGHTS))
-    for name, module in model.named_modules():
-        for factor in ("lora_A", "lora_B"):
-            layers = getattr(module, factor, None)
-            if not isinstance(layers, torch.nn.ModuleDict) or "default" not in layers:
-                continue
-            key = f"base_model.model.{name}.{factor}.weight"
-            weight = layers["default"].weight
-            if key not in stored or stored[key].shape != weight.shape:
-                raise BadInputError(f"{bundle / ADAPTER_WEIGHTS} has no {key} of shape {tuple(weight.shape)}")
-            weight.data = stored[key].to(device=weight.device, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, device_map=_device_map())
+    return PeftModel.from_pretrained(base, bundle, subfolder=INIT_ADAPTER_DIR).eval()

@@ -10,8 +10,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .bundle.layout import ADAPTER_CONFIG, CARD, EVAL, REPORT
-from .bundle.read import read_json, read_optional_json
+from .bundle.layout import CARD, EVAL, INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR, REPORT
+from .bundle.read import read_json, read_optional_json, refuse_root_adapter
 from .errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ def render_model_card(bundle: Path, *, report: dict | None = None, source_folder
     README.md from the Hub to inherit licence and language.
     """
     bundle = Path(bundle)
+    refuse_root_adapter(bundle)
     report = report if report is not None else read_json(bundle / REPORT, "the conversion report")
-    adapter = read_optional_json(bundle / ADAPTER_CONFIG, "the adapter config") or {}
+    adapter = read_optional_json(bundle / INIT_ADAPTER_CONFIG, "the adapter config") or {}
     evaluation = read_optional_json(bundle / EVAL, "the eval result")
     inherited = source_card_metadata(report, source_folder, allow_download)
     card = build_model_card(report, adapter=adapter, evaluation=evaluation, model_id=model_id or bundle.name,
@@ -79,6 +80,7 @@ def build_model_card(report: dict, *, adapter: dict | None = None, evaluation: d
         data, template_str=template_text(),
         title=f"{source_name.split('/')[-1]} — QuAILoRA {qtype.upper()} QLoRA bundle",
         model_id=model_id, revision=revision if revision not in (None, "main") else None,
+        init_adapter_dir=INIT_ADAPTER_DIR,
         base_model=base_model, source_name=source_name,
         source_label=f"{source_name}" + (f" @ `{source['commit'][:12]}`" if source.get("commit") else ""),
         quant_label={"nf4": "4-bit NF4, double quantization, block 64", "int8": "8-bit LLM.int8"}.get(qtype, qtype),
@@ -198,7 +200,7 @@ def _refine_label(settings: dict, modules: list[dict]) -> str:
     if not rounds:
         return "none"
     improved = sum(1 for m in modules if m.get("kept_round", 0) > 0)
-    return (f"{rounds} rounds of re-rounding `W − M` and re-solving `M`, best iterate kept "
+    return (f"{rounds} round{'s' * (rounds != 1)} of re-rounding `W − M` and re-solving `M`, best iterate kept "
             f"(a later round was kept on {improved} of {len(modules)} modules)")
 
 

@@ -1,9 +1,10 @@
 """Publishing a bundle to the Hugging Face Hub as one commit that loads with one line from the repo.
 
-The local bundle's adapter_config.json points at the bundle folder; the uploaded copy points at the
-repo (and its branch), so `AutoPeftModelForCausalLM.from_pretrained(repo_id)` finds the quantized base
+The quantized base goes to the repo's root and the adapter to quailora_init/ (bundle.layout), as they lie
+in the bundle. The local quailora_init/adapter_config.json names the bundle folder as its base; the
+uploaded copy names the repo (and its branch), as the LoftQ repos do, so the adapter's base is found
 in the same repo. The local folder is never modified: the upload reads a staging folder of links to
-the bundle's files plus the rewritten adapter_config.json.
+the bundle's files plus the rewritten adapter config and card.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle.layout import ADAPTER_CONFIG, CARD, REPORT
+from .bundle.layout import CARD, INIT_ADAPTER_CONFIG, REPORT
 from .bundle.read import read_json, verify_bundle
 from .errors import BadInputError, QuailoraError
 from .model_card import GENERATED_MARKER, render_model_card
@@ -66,8 +67,8 @@ def push_to_hub(bundle: Path, repo_id: str, *, private: bool = False, revision: 
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if branch != DEFAULT_BRANCH:
             api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
-        adapter = hub_adapter_config(read_json(folder / ADAPTER_CONFIG, "the adapter config"), repo_id, branch)
-        replaced = {ADAPTER_CONFIG: json.dumps(adapter, indent=2) + "\n"}
+        adapter = hub_adapter_config(read_json(folder / INIT_ADAPTER_CONFIG, "the adapter config"), repo_id, branch)
+        replaced = {INIT_ADAPTER_CONFIG: json.dumps(adapter, indent=2) + "\n"}
         card = hub_model_card(folder, repo_id, branch)
         if card is not None:
             replaced[CARD] = card

@@ -1,4 +1,5 @@
-"""A fake Hugging Face Hub at the HTTP level: a WSGI app serving the endpoints an upload uses.
+"""A fake Hugging Face Hub at the HTTP level: a WSGI app serving the endpoints an upload uses, and the
+ones a download uses (resolve, repo info, tree) for the files committed so far.
 
 huggingface_hub talks to it through its own httpx2 client (set_client_factory with a WSGITransport,
 in process) or over a real socket (wsgiref server + HF_ENDPOINT, for a CLI subprocess). It keeps
@@ -46,6 +47,10 @@ class FakeHub:
         with self.lock:
             self.requests.append((method, path))
             status, payload, headers = self.handle(method, path, environ.get("HTTP_AUTHORIZATION"), body)
+        if isinstance(payload, bytes):  # a file's content
+            start_response(status, [("Content-Type", "application/octet-stream"),
+                                    ("Content-Length", str(len(payload))), *headers])
+            return [b""] if method == "HEAD" else [payload]
         data = json.dumps(payload).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers])
         return [data]
@@ -68,7 +73,52 @@ class FakeHub:
                 return "403 Forbidden", {"error": "You don't have the rights to write here"}, [
                     ("X-Error-Message", "You don't have the rights to write here")]
             return getattr(self, action)(repo_id, revision, body)
+        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if method in ("GET", "HEAD") and match:
+            return self.resolve(*match.groups())
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
+        if method == "GET" and match:
+            return getattr(self, f"{match.group(2)}_info")(*match.group(1, 3))
         return "404 Not Found", {"error": f"fake hub does not serve {method} {path}"}, []
+
+    # -- downloads ---------------------------------------------------------------------------
+    def _files_at(self, repo_id: str, revision: str):
+        """(files, commit sha) of a branch or of a branch's commit sha; an error response when there is none."""
+        if repo_id not in self.repos:
+            return "404 Not Found", {"error": "Repository not found"}, [("X-Error-Code", "RepoNotFound")]
+        for branch, files in self.repos[repo_id]["branches"].items():
+            sha = hashlib.sha1(json.dumps({k: hashlib.sha1(v).hexdigest() for k, v in sorted(files.items())})
+                               .encode()).hexdigest()
+            if revision in (branch, sha):
+                return files, sha
+        return "404 Not Found", {"error": "Invalid rev id"}, [("X-Error-Code", "RevisionNotFound")]
+
+    def resolve(self, repo_id: str, revision: str, filename: str):
+        found = self._files_at(repo_id, revision)
+        if len(found) == 3:
+            return found
+        files, sha = found
+        if filename not in files:
+            return "404 Not Found", {"error": "Entry not found"}, [("X-Error-Code", "EntryNotFound")]
+        data = files[filename]
+        return "200 OK", data, [("X-Repo-Commit", sha), ("ETag", f'"{hashlib.sha1(data).hexdigest()}"')]
+
+    def revision_info(self, repo_id: str, revision: str):
+        found = self._files_at(repo_id, revision)
+        if len(found) == 3:
+            return found
+        files, sha = found
+        return "200 OK", {"id": repo_id, "sha": sha, "private": self.repos[repo_id]["private"],
+                          "siblings": [{"rfilename": name} for name in sorted(files)]}, []
+
+    def tree_info(self, repo_id: str, revision: str):
+        """The whole tree, recursive, one page."""
+        found = self._files_at(repo_id, revision)
+        if len(found) == 3:
+            return found
+        files, _ = found
+        return "200 OK", [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                          for name, data in sorted(files.items())], []
 
     def create_repo(self, payload: dict):
         namespace = payload.get("organization") or "fake-user"

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from quailora_convert.bundle.layout import INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR, INIT_ADAPTER_WEIGHTS
+
 
 def bundle_tensors(bundle: Path) -> dict[str, torch.Tensor]:
     files = sorted(Path(bundle).glob("model*.safetensors"))
@@ -22,12 +24,12 @@ def bundle_tensors(bundle: Path) -> dict[str, torch.Tensor]:
 
 
 def adapter_tensors(bundle: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(Path(bundle) / "adapter_model.safetensors"), "pt") as h:
+    with safe_open(str(Path(bundle) / INIT_ADAPTER_WEIGHTS), "pt") as h:
         return {k: h.get_tensor(k) for k in h.keys()}
 
 
 def scaling_of(bundle: Path) -> float:
-    cfg = json.loads((Path(bundle) / "adapter_config.json").read_text())
+    cfg = json.loads((Path(bundle) / INIT_ADAPTER_CONFIG).read_text())
     return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
 
 
@@ -47,10 +49,12 @@ def dequantize_saved(tensors: dict[str, torch.Tensor], module: str, dtype: torch
     return bnbF.dequantize_4bit(tensors[f"{module}.weight"], state)
 
 
-def reference_model(source: Path, bundle: Path) -> torch.nn.Module:
-    """Source model in float32 with every adapted linear set to dequant(Q) + scaling * B @ A."""
+def reference_model(source: Path, bundle: Path, with_adapter: bool = True) -> torch.nn.Module:
+    """Source model in float32 with every adapted linear set to dequant(Q) + scaling * B @ A (dequant(Q) alone
+    when not with_adapter)."""
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     base, adapter, scaling = bundle_tensors(bundle), adapter_tensors(bundle), scaling_of(bundle)
+    scaling = scaling if with_adapter else 0.0
     for key in adapter:
         if not key.endswith("lora_A.weight"):
             continue
@@ -88,9 +92,10 @@ def use_float32_compute(model: torch.nn.Module) -> None:
 
 def assert_bundle_matches_reference(source: Path, bundle: Path, ids: torch.Tensor, atol: float = 1e-4) -> None:
     """The loaded bundle (float32, train mode) computes Q + scaling * B @ A, and the adapter matters."""
-    from peft import AutoPeftModelForCausalLM
+    from peft import PeftModel
 
-    model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, bundle, subfolder=INIT_ADAPTER_DIR)
     use_float32_compute(model)
     model.train()  # as when fine-tuning (no dropout here); eval on AVX512-BF16 CPUs swaps in a bf16 kernel
     reference = reference_model(source, bundle)

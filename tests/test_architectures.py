@@ -16,6 +16,7 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from torch import nn
 
+from quailora_convert.bundle.layout import INIT_ADAPTER_DIR
 from quailora_convert.errors import UnsupportedModelError
 from quailora_convert.convert import ConvertSettings, convert
 from reference import assert_bundle_matches_reference, bundle_tensors, dequantize_saved, quantized_linears
@@ -196,7 +197,7 @@ def _layer_linears(model: nn.Module, layers: str) -> dict[str, nn.Module]:
 
 def test_bundle_loads_quantized_and_only_lora_trains(converted):
     case, _, bundle = converted
-    model = AutoPeftModelForCausalLM.from_pretrained(bundle, is_trainable=True)
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle / INIT_ADAPTER_DIR, is_trainable=True)
     linears = _layer_linears(model, case.layers)
     adapted = 2 * len(case.groups)
     assert len(linears) == adapted, sorted(linears)

@@ -31,7 +31,7 @@ def test_convert_writes_a_valid_card_with_inherited_licence_and_language(convert
     assert data["license"] == "apache-2.0" and data["language"] == ["en", "fr"]  # from the source's README.md
     assert set(data["tags"]) >= {"bitsandbytes", "int8", "qlora", "peft", "quailora"} and "nf4" not in data["tags"]
     assert "base_model" not in data and "base_model_relation" not in data  # a local source has no Hub id
-    assert 'AutoModelForCausalLM.from_pretrained("' in text and 'model.set_adapter("default")' in text
+    assert 'AutoModelForCausalLM.from_pretrained("' in text and 'subfolder="quailora_init", is_trainable=True' in text
     assert "SFTTrainer" in text and "8-bit LLM.int8" in text and "rsLoRA" in text and "3 steps" in text
 
 

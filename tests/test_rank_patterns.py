@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cli_process import run_cli
+from quailora_convert.bundle.layout import INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR
 from quailora_convert.core.lora import lora_scaling, rank_patterns
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
@@ -35,12 +36,12 @@ def test_a_rank_above_the_kv_width_gives_a_bundle_peft_loads(tmp_path):
     done = run_cli(source, "--calib", calib, "--out", out, "--rank", 100, "--num-samples", 8, "--seq-len", 32)
     assert done.returncode == 0, done.stderr
     assert "--rank 100 exceeds the size of k_proj (rank 64), v_proj (rank 64)" in done.stdout
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = json.loads((out / INIT_ADAPTER_CONFIG).read_text())
     assert config["r"] == 100 and config["rank_pattern"] == {"k_proj": 64, "v_proj": 64}
     assert config["alpha_pattern"] == {"k_proj": 16.0 * 64 / 100, "v_proj": 16.0 * 64 / 100}
 
     base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, out, is_trainable=True)  # a size mismatch raised here before
+    model = PeftModel.from_pretrained(base, out, subfolder=INIT_ADAPTER_DIR, is_trainable=True)  # a size mismatch raised here before
     k_proj = model.base_model.model.model.layers[0].self_attn.k_proj
     assert k_proj.lora_A["default"].weight.shape == (64, 128)
     assert k_proj.scaling["default"] == pytest.approx(16.0 / 100)  # the scaling the factors were divided by

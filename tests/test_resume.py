@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli_process import run_cli
+from quailora_convert.bundle.layout import INIT_ADAPTER_WEIGHTS
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
 LAYERS = 6
@@ -68,8 +69,9 @@ def _wait_for_layers(case: dict, process: subprocess.Popen, layers: int, timeout
 
 
 def _assert_same_bundle(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())  # quailora_init/ too
+    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    assert INIT_ADAPTER_WEIGHTS in names
     for name in names:
         if name == "quailora_report.json":
             left, right = (json.loads((x / name).read_text()) for x in (a, b))

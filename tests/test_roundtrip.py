@@ -5,6 +5,7 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
 
+from quailora_convert.bundle.layout import INIT_ADAPTER_DIR
 from quailora_convert.convert import ConvertSettings, convert
 from reference import assert_bundle_matches_reference, bundle_tensors, dequantize_loaded, dequantize_saved, quantized_linears
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
@@ -24,7 +25,7 @@ def tiny_bundle(tmp_path_factory, request):
 
 def test_bundle_loads_with_peft_and_only_lora_trains(tiny_bundle):
     _, bundle = tiny_bundle
-    model = AutoPeftModelForCausalLM.from_pretrained(bundle, is_trainable=True)
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle / INIT_ADAPTER_DIR, is_trainable=True)
     linears = quantized_linears(model)
     assert len(linears) == 2 * 7
     assert all(type(m).__name__ == "Linear4bit" for m in linears.values())
@@ -35,7 +36,7 @@ def test_bundle_loads_with_peft_and_only_lora_trains(tiny_bundle):
 
 def test_loaded_base_is_bit_identical_to_saved_q(tiny_bundle):
     _, bundle = tiny_bundle
-    model = AutoPeftModelForCausalLM.from_pretrained(bundle)
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle / INIT_ADAPTER_DIR)
     saved = bundle_tensors(bundle)
     for name, module in quantized_linears(model).items():
         path = name.replace("base_model.model.", "").replace(".base_layer", "")

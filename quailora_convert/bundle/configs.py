@@ -5,18 +5,30 @@ LoraConfig), so every field has the value and spelling those versions expect.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def quantized_config(source_config: dict, loader_options: dict, skip_modules: list[str]) -> dict:
+if TYPE_CHECKING:
+    import torch
+
+
+def quantized_config(source_config: dict, loader_options: dict, skip_modules: list[str],
+                     dtype: torch.dtype | None = None) -> dict:
     """The source's config.json with the quantization_config that loads the quantized base.
 
     loader_options are BitsAndBytesConfig's keyword arguments (the quantizer's loader_options);
-    skip_modules are the linears left in full precision (outside the decoder layers).
+    skip_modules are the linears left in full precision (outside the decoder layers). dtype: replaces the
+    dtype the source declares (`dtype`, and the older `torch_dtype` where it is spelled so), when the bundle
+    computes in another one.
     """
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(**loader_options).to_dict()
     quantization["llm_int8_skip_modules"] = skip_modules or None
-    return {**source_config, "quantization_config": quantization}
+    config = {**source_config, "quantization_config": quantization}
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config.update({key: name for key in ("dtype", "torch_dtype") if key in source_config} or {"dtype": name})
+    return config
 
 
 def adapter_config(base_path: str, target_modules: list[str], rank: int, lora_alpha: float, use_rslora: bool,

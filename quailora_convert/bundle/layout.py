@@ -22,6 +22,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # the quantized base at the root, loaded by plain transformers alone; the adapter with
 # PeftModel.from_pretrained(base, BUNDLE, subfolder=INIT_ADAPTER_DIR, is_trainable=True).
 INIT_ADAPTER_DIR = "quailora_init"
+INIT_ADAPTER_CONFIG = f"{INIT_ADAPTER_DIR}/{ADAPTER_CONFIG}"  # relative to the bundle root (a Hub path too)
+INIT_ADAPTER_WEIGHTS = f"{INIT_ADAPTER_DIR}/{ADAPTER_WEIGHTS}"
 REPORT = "quailora_report.json"
 EVAL = "quailora_eval.json"  # written by `eval`: {"rows": [{"model", "perplexity"}], "gap_closed", "data"}
 CARD = "README.md"  # the Hub model card

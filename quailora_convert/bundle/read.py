@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from ..errors import BadInputError
-from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, CONFIG, EVAL, REPORT, SAFETENSORS_INDEX, SAFETENSORS_SINGLE,
-                     index_shards, read_config)
+from .layout import (ADAPTER_CONFIG, CARD, CONFIG, EVAL, INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR, INIT_ADAPTER_WEIGHTS,
+                     REPORT, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, index_shards, read_config)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -32,10 +32,22 @@ def read_optional_json(path: Path, what: str) -> dict | None:
     return read_json(path, what) if Path(path).is_file() else None
 
 
+def refuse_root_adapter(folder: Path) -> None:
+    """BadInputError when folder is a bundle of the layout before quailora_init/ (its adapter beside the base).
+
+    transformers attaches such an adapter itself on every load of the folder, and PEFT's loaders then
+    attach it a second time: the bundle is refused, never loaded half-right.
+    """
+    folder = Path(folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        raise BadInputError(f"{folder} has its adapter at the root ({ADAPTER_CONFIG}), the layout of quailora-convert "
+                            f"before {INIT_ADAPTER_DIR}/: convert the model again with this version")
+
+
 def missing_files(folder: Path) -> list[str]:
     """What a complete bundle lacks: quantized config, listed shards, adapter, report (empty when complete)."""
     folder = Path(folder)
-    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT) if not (folder / name).is_file()]
+    missing = [name for name in (INIT_ADAPTER_CONFIG, INIT_ADAPTER_WEIGHTS, REPORT) if not (folder / name).is_file()]
     config = folder / CONFIG
     if not config.is_file():
         missing.insert(0, CONFIG)
@@ -62,15 +74,16 @@ def verify_bundle(folder: Path) -> Path:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise BadInputError(f"{folder} is not a folder")
+    refuse_root_adapter(folder)
     missing = missing_files(folder)
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise BadInputError(f"{folder} is not a complete QuAILoRA bundle: missing {shown}")
-    read_json(folder / ADAPTER_CONFIG, "the adapter config")
+    read_json(folder / INIT_ADAPTER_CONFIG, "the adapter config")
     read_json(folder / REPORT, "the conversion report")
     index = folder / SAFETENSORS_INDEX
     shards = index_shards(index) if index.is_file() else [SAFETENSORS_SINGLE]
-    for name in [ADAPTER_WEIGHTS, *shards]:
+    for name in [INIT_ADAPTER_WEIGHTS, *shards]:
         problem = safetensors_problem(folder / name)
         if problem:
             raise BadInputError(f"{folder / name} is {problem}: the bundle is damaged; convert it again")
@@ -101,11 +114,12 @@ def describe_bundle(folder: Path) -> dict:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise BadInputError(f"{folder} is not a folder")
+    refuse_root_adapter(folder)
     report = read_json(folder / REPORT, "the conversion report")
     if "summary" not in report or "settings" not in report:
         raise BadInputError(f"{folder / REPORT} is not a quailora-convert report (no summary/settings)")
     settings, summary = report["settings"], report["summary"]
-    adapter = read_optional_json(folder / ADAPTER_CONFIG, "the adapter config") or {}
+    adapter = read_optional_json(folder / INIT_ADAPTER_CONFIG, "the adapter config") or {}
     evaluation = read_optional_json(folder / EVAL, "the eval result")
     relative = summary.get("relative_error_after")
     source = report.get("source", {})

@@ -8,11 +8,17 @@ peak memory is one tensor. state() and resume() let a crashed run continue a hal
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+
+from ..errors import BadInputError
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -36,6 +42,29 @@ def header_bytes_for(names: list[str], metadata: dict[str, str] | None = None) -
     return size + (-size % 8)
 
 
+NO_SPACE = {errno.ENOSPC: "no space left", errno.EDQUOT: "over the disk quota"}
+
+
+@contextmanager
+def disk_full_named(folder: Path, name: str | None = None, nbytes: int | None = None) -> Iterator[None]:
+    """A write into folder (of file name) that runs out of disk (ENOSPC) or quota (EDQUOT) as one BadInputError
+    naming the folder, with the bytes the write needed (nbytes, when known) and those free; other OSErrors as
+    they are."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        try:
+            free = f"{shutil.disk_usage(folder).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        writing = f" while writing {name}" if name else ""
+        needed = f"{nbytes:,} bytes to write, " if nbytes else ""
+        raise BadInputError(f"{NO_SPACE[e.errno]} on the disk of {folder}{writing} ({needed}{free}): free some space "
+                            "or choose an --out on another disk") from e
+
+
 class SafetensorsStreamWriter:
     """One safetensors file written tensor by tensor behind a header region of header_bytes."""
 
@@ -49,9 +78,10 @@ class SafetensorsStreamWriter:
         self._header: dict[str, dict] = dict(_state["header"]) if _state else {}
         self.nbytes = _state["nbytes"] if _state else 0
         self._header_size = len(_compact(self._header_json()))
-        self._file = open(self.path, "r+b" if _state else "wb")
-        self._file.truncate(self._data_start + self.nbytes)  # a crashed run may have appended more
-        self._file.seek(self._data_start + self.nbytes)
+        with disk_full_named(self.path.parent, self.path.name):
+            self._file = open(self.path, "r+b" if _state else "wb")
+            self._file.truncate(self._data_start + self.nbytes)  # a crashed run may have appended more
+            self._file.seek(self._data_start + self.nbytes)
 
     @classmethod
     def resume(cls, path: Path, state: dict) -> SafetensorsStreamWriter:
@@ -86,7 +116,8 @@ class SafetensorsStreamWriter:
         self._header_size += 1 + len(_compact(name)) + 1 + len(_compact(entry))
         self._header[name] = entry
         if nbytes:  # straight from the tensor's memory, no copy
-            self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            with disk_full_named(self.path.parent, self.path.name, nbytes):
+                self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         self.nbytes += nbytes
 
     def names(self) -> list[str]:
@@ -94,8 +125,9 @@ class SafetensorsStreamWriter:
 
     def sync(self) -> None:
         """Everything added so far on disk (before state() is recorded as a resume point)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with disk_full_named(self.path.parent, self.path.name):
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def state(self) -> dict:
         """JSON-able: what resume() needs to continue this file."""
@@ -111,7 +143,8 @@ class SafetensorsStreamWriter:
         if len(header) > self.header_bytes:
             raise AssertionError(f"{self.path.name}: header {len(header)} bytes > reserved {self.header_bytes}")
         self._file.seek(0)
-        self._file.write(self.header_bytes.to_bytes(_LENGTH_BYTES, "little"))
-        self._file.write(header + b" " * (self.header_bytes - len(header)))
+        with disk_full_named(self.path.parent, self.path.name):
+            self._file.write(self.header_bytes.to_bytes(_LENGTH_BYTES, "little"))
+            self._file.write(header + b" " * (self.header_bytes - len(header)))
         self.sync()  # a resume point may record this file as finished
         self._file.close()

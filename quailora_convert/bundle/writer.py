@@ -30,18 +30,18 @@ class BundleWriter:
         self._closed: list[dict] = []  # state() of every finished base shard
         self._shard: SafetensorsStreamWriter | None = None
         if state is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._adapter = SafetensorsStreamWriter(self.folder / layout.ADAPTER_WEIGHTS, adapter_header_bytes)
+            (self.folder / layout.INIT_ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
+            self._adapter = SafetensorsStreamWriter(self.folder / layout.INIT_ADAPTER_WEIGHTS, adapter_header_bytes)
             return
         self._closed = list(state["closed_shards"])
         count = len(self._closed) + (state["open_shard"] is not None)
         self._restore_open_names(count)
-        self._adapter = SafetensorsStreamWriter.resume(self.folder / layout.ADAPTER_WEIGHTS, state["adapter"])
+        self._adapter = SafetensorsStreamWriter.resume(self.folder / layout.INIT_ADAPTER_WEIGHTS, state["adapter"])
         if state["open_shard"] is not None:
             self._shard = SafetensorsStreamWriter.resume(self._shard_path(len(self._closed) + 1), state["open_shard"])
-        known = {layout.ADAPTER_WEIGHTS, *(layout.open_shard_name(k) for k in range(1, count + 1))}
-        for path in self.folder.iterdir():  # written after the resume point: a shard begun, a config
-            if path.name not in known:
+        known = {layout.INIT_ADAPTER_WEIGHTS, *(layout.open_shard_name(k) for k in range(1, count + 1))}
+        for path in sorted(self.folder.rglob("*")):  # written after the resume point: a shard begun, a config
+            if path.is_file() and path.relative_to(self.folder).as_posix() not in known:
                 path.unlink()
 
     # -- base model -------------------------------------------------------------------------
@@ -58,6 +58,7 @@ class BundleWriter:
         self._adapter.add(name, tensor)
 
     def write_json(self, name: str, data: dict) -> None:
+        """name: a path relative to the bundle root (layout.INIT_ADAPTER_CONFIG is inside the adapter's folder)."""
         (self.folder / name).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
     def copy_files(self, folder: Path, patterns: list[str]) -> list[str]:

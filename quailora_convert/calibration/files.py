@@ -18,8 +18,11 @@ class FileTexts(list):
         self.source = source
 
 
-def read_file_texts(path: Path) -> list[str]:
-    """Every record of the file as text (a .txt file is one document), as FileTexts naming the file."""
+def read_file_texts(path: Path, option: str = "--calib") -> list[str]:
+    """Every record of the file as text (a .txt file is one document), as FileTexts naming the file.
+
+    Messages name a record by where an editor shows it: a .jsonl record by its line (1-based, blank lines
+    counted), a .json record by its position in the list (1-based); option is the one that named the file."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return FileTexts([read_text_file(path)], str(path))
@@ -27,15 +30,17 @@ def read_file_texts(path: Path) -> list[str]:
         records = []
         for n, line in enumerate(read_text_file(path).splitlines(), 1):
             if line.strip():
-                records.append(_parse_json(line, f"{path}:{n}"))
+                where = f"{path} line {n}"
+                records.append((where, _parse_json(line, where, one_line=True)))
     elif suffix == ".json":
-        records = _parse_json(read_text_file(path), str(path))
-        if not isinstance(records, list):
+        listed = _parse_json(read_text_file(path), str(path))
+        if not isinstance(listed, list):
             raise BadInputError(f"{path}: expected a JSON list of records")
+        records = [(f"{path} record {i} of {len(listed)}", r) for i, r in enumerate(listed, 1)]
     else:
-        raise BadInputError(f"--calib {path}: unsupported extension {suffix!r}; "
+        raise BadInputError(f"{option} {path}: unsupported extension {suffix!r}; "
                             f"use {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}")
-    texts = [format_record(r, f"{path} record {i}") for i, r in enumerate(records)]
+    texts = [format_record(record, where) for where, record in records]
     if not texts:
         raise BadInputError(f"{path} has no records")
     return FileTexts(texts, str(path))
@@ -63,8 +68,10 @@ def format_record(record: object, where: str) -> str:
     raise BadInputError(f"{where}: expected Alpaca records (instruction/input/output) or a 'text' field")
 
 
-def _parse_json(text: str, where: str) -> object:
+def _parse_json(text: str, where: str, one_line: bool = False) -> object:
+    """one_line: text is one line of a .jsonl file (where names the line): the error's column only."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadInputError(f"{where}: invalid JSON ({e.msg} at line {e.lineno})") from e
+        at = f"col {e.colno}" if one_line else f"line {e.lineno} col {e.colno}"
+        raise BadInputError(f"{where}: invalid JSON ({e.msg} at {at})") from e

@@ -15,13 +15,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..calibration.batches import CalibrationBatch
+from ..calibration.batches import CalibrationBatch, position_count
 from ..core.hessian import HessianSum
 from .host_memory import pinned
 from .phases import PhaseTimer
 
 CALIBRATION_DTYPE = torch.float32  # the paper's X comes from the full-precision model (--calib-dtype float32)
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+# every calibration sample's layer inputs stay on a CUDA device (no host round trip per layer) when they take at
+# most this share of its free memory: 128 x 2048 x 4096 in bfloat16 is 2 GiB
+DEVICE_ACTIVATIONS_SHARE = 0.25
 
 
 class _StopForward(Exception):
@@ -37,8 +40,10 @@ class LayerCall:
 
 def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[CalibrationBatch],
                         device: torch.device, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        dtype: torch.dtype = CALIBRATION_DTYPE) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
-    """Run the model front on every batch; return layer-0 inputs (on CPU) and every layer's call.
+                        dtype: torch.dtype = CALIBRATION_DTYPE, keep_on_device: bool = False,
+                        ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    """Run the model front on every batch; return layer-0 inputs (on CPU; on the device with keep_on_device)
+    and every layer's call.
 
     calls[layer][batch] holds the keyword arguments (KV cache dropped, use_cache False), with
     tensors moved to CPU once and shared between layers that receive the same object. embed:
@@ -49,7 +54,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[C
     calls: list[list[LayerCall]] = [[] for _ in layers]
     for batch in batches:
         offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded, dtype)
+        recorders = [_recorder(layer, i, len(layers), calls[i], hidden, offloaded, dtype, keep_on_device)
                      for i, layer in enumerate(layers)]
         for layer, recorder in zip(layers, recorders):
             layer.forward = recorder
@@ -69,7 +74,7 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[C
 
 
 def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], hidden: list[torch.Tensor],
-              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype):
+              offloaded: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, keep_on_device: bool):
     signature = inspect.signature(type(layer).forward)
 
     def record(*args, **kwargs):
@@ -87,7 +92,8 @@ def _recorder(layer: nn.Module, index: int, count: int, calls: list[LayerCall], 
             arguments["use_cache"] = False
         calls.append(LayerCall({k: _offload(v, offloaded) for k, v in arguments.items()}))
         if index == 0:
-            hidden.append(to_host(hidden_states.detach(), dtype))
+            kept = hidden_states.detach()
+            hidden.append(kept.to(dtype) if keep_on_device else to_host(kept, dtype))
         if index == count - 1:
             raise _StopForward
         return (hidden_states,)  # ignored: only layer 0's input is kept
@@ -158,6 +164,10 @@ class InputHessians:
 
     leader: dict[str, str]  # module name -> name of its group's first module (q/k/v share q's)
     sums: dict[str, HessianSum]  # group leader -> its running sum
+    # module name -> the largest |value| of its calibration inputs / outputs (padding included: a loaded bundle
+    # computes those positions too); what the bundle's compute dtype must hold
+    input_max: dict[str, float] = field(default_factory=dict)
+    output_max: dict[str, float] = field(default_factory=dict)
 
     def mean(self, name: str) -> torch.Tensor:
         return self.sums[self.leader[name]].mean()  # (in, in)
@@ -165,14 +175,17 @@ class InputHessians:
 
 def accumulate_hessians(layer: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
                         calls: list[LayerCall], batches: list[CalibrationBatch], device: torch.device,
-                        timer: PhaseTimer | None = None, dtype: torch.dtype = CALIBRATION_DTYPE) -> InputHessians:
+                        timer: PhaseTimer | None = None, dtype: torch.dtype = CALIBRATION_DTYPE,
+                        hessian_dtype: torch.dtype = torch.float32) -> InputHessians:
     """Forward of every batch through one layer in the calibration dtype (float32: full precision; the layer
     is materialised in it): H (float32) of its targets' inputs.
 
-    hidden[b] (layer input on CPU) is replaced by the layer's output, the next layer's input.
-    The timer, if any, is charged "hessian" for the H updates.
+    hidden[b] (layer input on CPU, or on the device: see activations_on_device) is replaced by the layer's
+    output, the next layer's input, kept where the input was.
+    The timer, if any, is charged "hessian" for the H updates; hessian_dtype: the inputs of the H update
+    (HessianSum's input_dtype).
     """
-    hooks = HessianHooks(targets, device, timer or PhaseTimer(device))
+    hooks = HessianHooks(targets, device, timer or PhaseTimer(device), hessian_dtype)
     try:
         with torch.no_grad():
             for b, batch in enumerate(batches):
@@ -181,11 +194,12 @@ def accumulate_hessians(layer: nn.Module, targets: dict[str, nn.Module], hidden:
                 hooks.start_batch(batch.token_mask.to(device))
                 output = layer(hidden[b].to(device, non_blocking=hidden[b].is_pinned()), **kwargs)
                 output = output[0] if isinstance(output, (tuple, list)) else output
-                hidden[b] = to_host(output, dtype)
+                hidden[b] = output.to(dtype) if hidden[b].device == output.device else to_host(output, dtype)
         _host_copies_done(device)
     finally:
         hooks.remove()
-    return InputHessians(hooks.leader, hooks.sums)
+    inputs, outputs = hooks.largest()
+    return InputHessians(hooks.leader, hooks.sums, inputs, outputs)
 
 
 class HessianHooks:
@@ -195,14 +209,19 @@ class HessianHooks:
     grouping is read off the first batch, not from names.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device, timer: PhaseTimer):
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, timer: PhaseTimer,
+                 hessian_dtype: torch.dtype = torch.float32):
         self.device = device
         self.timer = timer
+        self.hessian_dtype = hessian_dtype
         self.leader: dict[str, str] = {}  # module name -> name of its group's first module
         self.sums: dict[str, HessianSum] = {}
         self._token_mask: torch.Tensor | None = None
         self._seen: list[tuple[torch.Tensor, str]] = []
+        self._input_max: dict[str, torch.Tensor] = {}  # group leader -> running max |input| (0-dim, on device)
+        self._output_max: dict[str, torch.Tensor] = {}  # module name -> running max |output|
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in modules.items()]
 
     def start_batch(self, token_mask: torch.Tensor) -> None:
         self._token_mask = token_mask
@@ -218,14 +237,51 @@ class HessianHooks:
             if self.leader[name] == name:
                 with self.timer.phase("hessian"):
                     if name not in self.sums:
-                        self.sums[name] = HessianSum(x.shape[-1], self.device)
+                        self.sums[name] = HessianSum(x.shape[-1], self.device, self.hessian_dtype)
                     self.sums[name].add(x, self._token_mask)
+                    _running_max(self._input_max, name, x)
         return hook
+
+    def _output_hook(self, name: str):
+        def hook(module, args, output):
+            _running_max(self._output_max, name, output[0] if isinstance(output, (tuple, list)) else output)
+        return hook
+
+    def largest(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(module -> max |input|, module -> max |output|) over the batches seen; one device sync."""
+        inputs = {name: float(self._input_max[leader]) for name, leader in self.leader.items()
+                  if leader in self._input_max}
+        return inputs, {name: float(value) for name, value in self._output_max.items()}
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._seen = []
+
+
+def _running_max(maxima: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    """maxima[name] = max(maxima[name], max |x|), kept on x's device (no sync per batch)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        return
+    largest = x.detach().abs().amax().float()
+    maxima[name] = largest if name not in maxima else torch.maximum(maxima[name], largest)
+
+
+def activations_on_device(activation_bytes: int, device_type: str, free_device_bytes: int) -> bool:
+    """Whether the calibration activations (every sample's layer inputs) stay on the device between layers
+    instead of going to the host and back every layer: on CUDA, when they take at most DEVICE_ACTIVATIONS_SHARE
+    of the device's free memory (the rest holds a layer, its H sums and one batch's temporaries)."""
+    return device_type == "cuda" and activation_bytes <= DEVICE_ACTIVATIONS_SHARE * free_device_bytes
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device (0 elsewhere: the host is the device)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+
+
+def activation_bytes(batches: list[CalibrationBatch], hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes of every batch's hidden states (padded positions x hidden_size) in dtype."""
+    return position_count(batches) * hidden_size * torch.empty(0, dtype=dtype).element_size()
 
 
 def calibration_dtype(name: str, stored: torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -95,7 +95,7 @@ class LayerConverter:
                  calls: list[LayerCall]) -> InputHessians:
         with self.timer.phase("forward"), heap_for_forward():
             return accumulate_hessians(layer, targets, hidden, calls, self.batches, self.device, self.timer,
-                                       self.calib_dtype)
+                                       self.calib_dtype, getattr(torch, self.settings.hessian_dtype))
 
     def _share_hessians(self, hessians: InputHessians, linears: dict[str, nn.Module],
                         targets: dict[str, nn.Module]) -> dict[str, int]:
@@ -163,9 +163,11 @@ class LayerConverter:
         except FloatingPointError as e:
             raise FloatingPointError(f"{path}: {e}") from e
         lora_A, lora_B = (factor.cpu() for factor in  # what rank 0 gathers and writes: host tensors
-                          to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora)))
+                          to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora),
+                                  s.lora_split))
         with self.timer.phase("solve"):
-            report = module_report(path, f"{prefix}{leader}", result, group.H, s.report_baseline)
+            report = module_report(path, f"{prefix}{leader}", result, group.H, s.report_baseline,
+                                   hessians.input_max.get(name, 0.0), hessians.output_max.get(name, 0.0))
         return LinearResult(result.quantized.tensors, lora_A, lora_B, report)
 
     def _write(self, prefix: str, layer: nn.Module, linears: dict[str, nn.Module],

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..bundle.configs import adapter_config, quantized_config
-from ..bundle.layout import ADAPTER_CONFIG, CONFIG, COPIED_FROM_SOURCE, REPORT, config_dtype, read_config
-from ..bundle.safetensors_stream import header_bytes_for
+from ..bundle.layout import (INIT_ADAPTER_CONFIG, CONFIG, COPIED_FROM_SOURCE, REPORT, SAFETENSORS_INDEX,
+                             SAFETENSORS_SINGLE, config_dtype, read_config)
+from ..bundle.safetensors_stream import disk_full_named, header_bytes_for
 from ..bundle.writer import BundleWriter
 from ..calibration import self_generated
 from ..calibration.batches import (CalibrationBatch, longest_first, make_batches, pad_token_id, sample_count,
@@ -28,15 +29,17 @@ from ..calibration.batches import (CalibrationBatch, longest_first, make_batches
 from ..calibration.texts import read_texts
 from ..core.lora import adapter_key, peft_target_modules, rank_patterns
 from ..core.quantize import Quantizer, quantizer_for
+from ..core.value_range import Largest
 from ..errors import BadInputError
 from ..events import Calibrated, ConversionDone, LayerConverted, Listener, SourceResolved, Status, TextGenerated, ignore
 from ..model_card import render_model_card
-from ..sources.checkpoint import CheckpointReader, KeyMap, transformers_renaming
+from ..sources.checkpoint import CheckpointReader, KeyMap, open_checkpoint
 from ..sources.resolve import ModelSource, open_model
 from ..stopping import critical
 from .allocator import heap_for_forward
 from .architectures import find_decoder_layers, layer_targets, linear_modules, weight_matrix
-from .capture import calibration_dtype, capture_layer_calls
+from .capture import activation_bytes, activations_on_device, calibration_dtype, capture_layer_calls, free_device_bytes
+from .compute_dtype import choose_compute_dtype, kept_values, module_values
 from .host_memory import pinned_scope
 from .layer import LayerConverter
 from .phases import PhaseTimer
@@ -44,8 +47,9 @@ from .prefetch import LayerPrefetch, reads_ahead
 from .plan import Plan, make_plan, process_start_time, stored_dtype_of
 from .report import ModuleReport, conversion_report
 from .settings import ConvertSettings, resolve_device
-from .preflight import check_disk, check_rank
-from .resume import check_fingerprint, leave, refuse_existing_out, take_over
+from .preflight import check_disk, check_rank, clamp_seq_len
+from .resume import (check_fingerprint, leave, refuse_existing_out, refuse_overlaps, source_file_layers,
+                     take_over)
 from .ranks import Ranks, join_ranks
 from .skeleton import build_skeleton, front_materialized
 from .work_folder import WorkFolder, fingerprint
@@ -109,10 +113,15 @@ def _take_over(work: WorkFolder, settings: ConvertSettings, on_event: Listener) 
 def dry_run(settings: ConvertSettings, on_event: Listener = ignore, *, process_started: float | None = None) -> Plan:
     """The plan of convert(settings): reads config, index and calibration, probes one random layer, writes nothing."""
     settings.validate()
+    refuse_overlaps(settings)  # what the run would refuse, the plan refuses
     device = resolve_device(settings.device)
     quantizer = quantizer_for(settings.bits)
     with open_source(settings, on_event, metadata_only=True) as source:
         model, tokenizer = build_skeleton(source.folder, device, settings.trust_remote_code)
+        settings = clamp_seq_len(settings, model.config, on_event)
+        local = source.repo_id is None  # a Hub plan has the index only; pickle weights are converted by the run
+        if (source.folder / SAFETENSORS_INDEX).exists() or (local and (source.folder / SAFETENSORS_SINGLE).exists()):
+            open_checkpoint(source.folder, model, shards_present=local)
         layers_path, layers = find_decoder_layers(model)
         shapes = _target_shapes(layers_path, layer_targets(layers, layers_path, settings.target_modules))
         check_rank(settings, shapes, on_event)
@@ -138,10 +147,12 @@ def open_source(settings: ConvertSettings, on_event: Listener = ignore,
 
 def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, ranks: Ranks, on_event: Listener,
              started: float, work: WorkFolder, state: dict | None) -> dict:
+    refuse_overlaps(s, source.folder)  # a Hub model's download folder is known now
     device = ranks.device
     dtype = calibration_dtype(s.calib_dtype, stored_dtype_of(source.folder), device)
     model, tokenizer, layers_path, layers, targets, shapes, reader, key_map = ranks.together(
         lambda: _open_skeleton(s, source, device, on_event, dtype))
+    s = clamp_seq_len(s, model.config, on_event)  # before the fingerprint: the same command resumes
     prints = fingerprint(asdict(s), source.folder, source.repo_id, source.commit, source.gguf, device)
     prints["calibration_dtype"] = _dtype_name(dtype)  # what auto chose for this checkpoint on this device
     if ranks.size > 1:
@@ -149,7 +160,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
 
     def calibration() -> list[CalibrationBatch]:  # rank 0: read, or sample and record, the token batches
         if state is not None:
-            check_fingerprint(state, prints, work)
+            check_fingerprint(state, prints, work, on_event)
             return work.load_calibration()
         batches = _calibration_batches(s, tokenizer, source.folder, device, on_event)
         if len(batches) < ranks.size:
@@ -165,10 +176,13 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
     on_event(Status("capturing calibration activations"))
     timer = PhaseTimer(device, state.get("phase_seconds") if state is not None else None)
 
+    on_device = activations_on_device(activation_bytes(mine, model.config.hidden_size, dtype), device.type,
+                                      free_device_bytes(device))  # else each layer's inputs go to the host and back
+
     def capture():
         with front_materialized(model, layers_path, reader, key_map, device, dtype), timer.phase("forward"), \
                 heap_for_forward():
-            return capture_layer_calls(model, layers, mine, device, dtype=dtype)
+            return capture_layer_calls(model, layers, mine, device, dtype=dtype, keep_on_device=on_device)
 
     hidden, calls = ranks.together(capture)
     writer = None
@@ -181,6 +195,7 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
 
         writer = ranks.on_main(start_bundle)
         state = {"fingerprint": prints, "layers": len(layers), "next_layer": 0, "reports": [], "stored_dtypes": [],
+                 "source_layers": source_file_layers(reader, key_map, layers_path),
                  "layer_seconds": [], "calibration_seconds": time.perf_counter() - started,
                  "ranks": ranks.gather(_share_counts(ranks.rank, mine))}
         _commit(ranks, work, state, writer, hidden, timer)
@@ -199,8 +214,9 @@ def _convert(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, rank
                         on_event)
     state["phase_seconds"] = dict(timer.seconds)
     opened = _OpenedModel(model, layers_path, targets, shapes, reader, key_map)
-    return ranks.on_main(lambda: _finish(s, source, quantizer, writer, opened, batches, state, converter.stored_dtypes,
-                                         started), elsewhere={})
+    with disk_full_named(work.bundle):  # configs, tokenizer, report, card (the shards name themselves)
+        return ranks.on_main(lambda: _finish(s, source, quantizer, writer, opened, batches, state,
+                                             converter.stored_dtypes, started), elsewhere={})
 
 
 def _convert_layers(s: ConvertSettings, ranks: Ranks, work: WorkFolder, state: dict, writer: BundleWriter | None,
@@ -232,8 +248,7 @@ def _open_skeleton(s: ConvertSettings, source: ModelSource, device: torch.device
     targets = layer_targets(layers, layers_path, s.target_modules)
     shapes = _target_shapes(layers_path, targets)
     check_rank(s, shapes, on_event)
-    reader = CheckpointReader(source.folder)
-    key_map = KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix, transformers_renaming(model))
+    reader, key_map = open_checkpoint(source.folder, model)  # every listed shard and every parameter there
     return model, tokenizer, layers_path, layers, targets, shapes, reader, key_map
 
 
@@ -277,13 +292,16 @@ class _OpenedModel:
 def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, writer: BundleWriter, opened: _OpenedModel,
             batches: list[CalibrationBatch], state: dict, stored_dtypes: set[torch.dtype], started: float) -> dict:
     """Configs, tokenizer, report and card beside the weights; shards closed and named."""
+    values = module_values(state["reports"]) + kept_values(opened.reader, opened.key_map,
+                                                           {f"{path}.weight" for path in opened.shapes})
     _write_configs(writer, s, source, quantizer, stored_dtypes, opened.model, opened.layers_path, opened.targets,
-                   opened.shapes)
+                   opened.shapes, values)
     dropped = sorted(set(opened.reader.keys()) - set(opened.key_map.to_model))
     modules = [ModuleReport(**row) for row in state["reports"]]
     report = conversion_report(s, source, quantizer, modules, batches, state["ranks"],
                                state["fingerprint"]["calibration_dtype"], state["calibration_seconds"],
-                               state["layer_seconds"], state.get("phase_seconds", {}), started, dropped)
+                               state["layer_seconds"], state.get("phase_seconds", {}), started, dropped,
+                               source_fingerprint=state["fingerprint"]["source"])
     writer.write_json(REPORT, report)
     render_model_card(writer.folder, report=report, source_folder=source.folder, model_id=str(s.out),
                       allow_download=source.repo_id is not None)  # README.md, the Hub model card
@@ -324,16 +342,20 @@ def _copy_outside_layers(writer: BundleWriter, reader: CheckpointReader, key_map
 
 def _write_configs(writer: BundleWriter, s: ConvertSettings, source: ModelSource, quantizer: Quantizer,
                    stored_dtypes: set[torch.dtype], model: nn.Module, layers_path: str,
-                   targets: list[dict[str, nn.Module]], shapes: dict[str, tuple[int, int]]) -> None:
-    """config.json with quantization_config, adapter_config.json, and the source's tokenizer files."""
+                   targets: list[dict[str, nn.Module]], shapes: dict[str, tuple[int, int]],
+                   values: list[Largest] = ()) -> None:
+    """config.json with quantization_config, quailora_init/adapter_config.json, and the source's tokenizer files.
+    values: the largest values the bundle computes with, which its compute dtype must hold (compute_dtype)."""
     source_config = read_config(source.folder)  # the original text, untouched but for quantization_config
-    compute_dtype = config_dtype(source_config) or (next(iter(stored_dtypes)) if len(stored_dtypes) == 1 else torch.float32)
+    declared = config_dtype(source_config) or (next(iter(stored_dtypes)) if len(stored_dtypes) == 1 else torch.float32)
+    compute = choose_compute_dtype(declared, stored_dtypes, values)  # declared, or wider with a warning
     linears = list(linear_modules(model))
     decoder_linears = {n for n in linears if n.startswith(layers_path + ".")}
     skip = [n for n in linears if n not in decoder_linears]  # left in full precision
-    writer.write_json(CONFIG, quantized_config(source_config, quantizer.loader_options(compute_dtype), skip))
+    writer.write_json(CONFIG, quantized_config(source_config, quantizer.loader_options(compute.dtype), skip,
+                                               compute.dtype if compute.changed else None))
     ranks, alphas = rank_patterns(shapes, s.rank, s.lora_alpha, s.use_rslora)
-    writer.write_json(ADAPTER_CONFIG, adapter_config(
+    writer.write_json(INIT_ADAPTER_CONFIG, adapter_config(
         str(Path(s.out).resolve()), peft_target_modules(set(shapes), decoder_linears), s.rank, s.lora_alpha, s.use_rslora,
         ranks, alphas))
     writer.copy_files(source.folder, COPIED_FROM_SOURCE)

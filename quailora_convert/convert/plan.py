@@ -24,7 +24,8 @@ from ..calibration.batches import CalibrationBatch, position_count, sample_count
 from ..core.lora import lora_scaling, to_peft
 from ..core.quantize import Quantizer
 from .architectures import linear_modules, select_targets, weight_matrix
-from .capture import CALIBRATION_DTYPE, accumulate_hessians, calibration_dtype, capture_layer_calls
+from .capture import (CALIBRATION_DTYPE, accumulate_hessians, activations_on_device, calibration_dtype,
+                      capture_layer_calls, free_device_bytes)
 from .layer import GroupFactors, compensate
 from .prefetch import reads_ahead
 from .report import module_report
@@ -46,6 +47,7 @@ class Plan:
     peak_host_bytes: int
     peak_device_bytes: int  # 0 when the device is the host
     seconds: float
+    activations_on: str = "host"  # where every sample's layer inputs wait between layers: host or device
 
     @property
     def disk_bytes(self) -> int:
@@ -103,11 +105,14 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
     baseline = _rss()
     probe = probe_layer(s, model, layers, batches[0], quantizer, device, stored_dtype, calib_dtype)
     on_host = device.type != "cuda"
+    kept_on_device = activations_on_device(activations, device.type, free_device_bytes(device))  # as pipeline decides
+    device_activations = activations if kept_on_device else 0
+    host_activations = activations - device_activations
     # a layer as stored in the shard maps, and on accelerators the next one read ahead (convert.prefetch)
     stored_layers = 2 if reads_ahead(device) else 1
-    host_layer_phase = (baseline + activations + stored_layers * layer_params * itemsize
+    host_layer_phase = (baseline + host_activations + stored_layers * layer_params * itemsize
                         + (probe["host_bytes"] if on_host else 0))
-    host_front_phase = baseline + activations + front_params * (itemsize + (4 if on_host else 0))
+    host_front_phase = baseline + host_activations + front_params * (itemsize + (4 if on_host else 0))
     largest_batch = max(b.input_ids.numel() for b in batches) * hidden_size * 4
     device_front_phase = front_params * 4 + 2 * largest_batch  # the front in float32, one batch in and out
     io_bytes = len(layers) * (layer_params * itemsize + activations) + bundle  # reads, checkpoints, the bundle
@@ -118,9 +123,10 @@ def make_plan(s: ConvertSettings, model: nn.Module, layers_path: str, layers: nn
         calibration_tokens=token_count(batches),
         bundle_bytes=bundle, work_bytes=work_bytes(padded, hidden_size),
         peak_host_bytes=int(max(host_layer_phase, host_front_phase)),
-        peak_device_bytes=0 if on_host else int(max(probe["device_bytes"], device_front_phase)),
+        peak_device_bytes=0 if on_host else int(max(probe["device_bytes"], device_front_phase) + device_activations),
         seconds=(startup + probe["front_seconds"] * probed + FIXED_SECONDS + io_bytes / DISK_BYTES_PER_SECOND
                  + len(layers) * (probe["forward_seconds"] * probed + probe["solve_seconds"])),
+        activations_on="device" if kept_on_device else "host",
     )
 
 

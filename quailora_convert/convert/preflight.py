@@ -1,7 +1,9 @@
-"""Refusals before any heavy work: a rank no module can hold, a disk without room for the run."""
+"""Refusals before any heavy work: a rank no module can hold, a disk without room for the run; a --seq-len
+beyond the model's positions clamped with a warning."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -41,3 +43,32 @@ def check_disk(s: ConvertSettings, model: nn.Module, layers_path: str, quantizer
         raise BadInputError(f"not enough disk space in {work.path.parent}: the bundle and its work folder need "
                             f"~{needed:,} bytes ({needed / 2**30:.2f} GiB), {free:,} are free; free some space or "
                             "choose an --out on another disk")
+
+
+# config.json keys that bound the positions a model holds, as architectures name them (first found wins):
+# learned position embeddings (GPT-2's n_positions, OPT's max_position_embeddings) or the trained context (RoPE)
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """(positions, the config key saying so) for the model of config; None when its config names no limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    stored = vars(text)  # the keys config.json spells (attribute_map aliases resolve to them)
+    for key in POSITION_LIMIT_KEYS:
+        value = stored.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def clamp_seq_len(s: ConvertSettings, config, on_event: Listener) -> ConvertSettings:
+    """s with --seq-len at most the model's positions (a warning when it was beyond): a learned position table
+    has no row past its end, and a RoPE model was never trained there. Convert, the plan and the resume
+    fingerprint all see the clamped value, so the same command resumes."""
+    limit = position_limit(config)
+    if limit is None or s.seq_len <= limit[0]:
+        return s
+    positions, key = limit
+    on_event(Status(f"warning: --seq-len {s.seq_len} exceeds the {positions} positions of the model (config.json "
+                    f"{key}); calibrating on samples of at most {positions} tokens"))
+    return replace(s, seq_len=positions)

@@ -13,6 +13,7 @@ from ..calibration.batches import CalibrationBatch, sample_count, token_count
 from ..core.joint import Compensated
 from ..core.quantize import Quantizer
 from ..core.solvers import calibrated_error, top_singular
+from ..core.value_range import largest_abs
 from ..sources.resolve import ModelSource
 from .settings import RUN_ONLY_SETTINGS, ConvertSettings
 
@@ -32,13 +33,18 @@ class ModuleReport:
     error_nearest: float  # of bitsandbytes' round-to-nearest base, without adapter (= error_before for it)
     refine_errors: list[float]  # with adapter: the first solve, then each --refine round
     kept_round: int  # the round stored (the lowest error)
+    # The largest |value| the loaded module computes with, which its compute dtype must hold (convert.compute_dtype):
+    weight_max_abs: float = 0.0  # of the stored base dequantized (= its largest absmax scale)
+    input_max_abs: float = 0.0  # of its calibration inputs
+    output_max_abs: float = 0.0  # of its calibration outputs
 
 
 def module_report(module: str, input_group: str, result: Compensated, H: Tensor,
-                  baseline: bool = False) -> ModuleReport:
+                  baseline: bool = False, input_max_abs: float = 0.0, output_max_abs: float = 0.0) -> ModuleReport:
     """The calibrated error of one linear without adapter, with the solver's correction, and with baseline
     the weight-space baseline's (the rank-r truncated SVD of E, computed for this report: exact for small
-    matrices, else randomized with BASELINE_POWER power iterations)."""
+    matrices, else randomized with BASELINE_POWER power iterations). input/output_max_abs: of the calibration
+    activations (capture.InputHessians)."""
     E, correction = result.error, result.correction
     return ModuleReport(
         module=module, shape=tuple(E.shape), input_group=input_group,
@@ -49,6 +55,9 @@ def module_report(module: str, input_group: str, result: Compensated, H: Tensor,
         error_nearest=result.error_nearest,
         refine_errors=result.objective_rounds,
         kept_round=result.kept_round,
+        weight_max_abs=largest_abs(result.quantized.dequantized),
+        input_max_abs=input_max_abs,
+        output_max_abs=output_max_abs,
     )
 
 
@@ -66,7 +75,10 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
                       batches: list[CalibrationBatch], rank_shares: list[dict], calibration_dtype: str,
                       calibration_seconds: float,
                       layer_seconds: list[float],
-                      phase_seconds: dict[str, float], started: float, dropped_keys: list[str]) -> dict:
+                      phase_seconds: dict[str, float], started: float, dropped_keys: list[str],
+                      source_fingerprint: dict | None = None) -> dict:
+    """source_fingerprint: the work folder's fingerprint of the source ({"files": ...} of a local one, or its
+    repo id and commit), recorded so that `eval` can tell the same model from another at the same path."""
     import bitsandbytes
     import peft
     import transformers
@@ -78,7 +90,7 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
                 if k not in RUN_ONLY_SETTINGS}
     return {
         "quailora_convert": __version__,
-        "source": {"model": s.model, "repo_id": source.repo_id, "commit": source.commit, "gguf": source.gguf},
+        "source": recorded_source(s.model, source, source_fingerprint),
         "quantization": {"bits": quantizer.bits, "type": quantizer.name},
         "settings": settings,
         "calibration": {"samples": sample_count(batches), "tokens": token_count(batches),
@@ -94,6 +106,19 @@ def conversion_report(s: ConvertSettings, source: ModelSource, quantizer: Quanti
         "peak_rss_bytes": _peak_rss_bytes(),
         "dropped_checkpoint_keys": dropped_keys,
     }
+
+
+def recorded_source(model: str, source: ModelSource, fingerprint: dict | None) -> dict:
+    """The source as a later run finds it again from anywhere: "model" is the Hub id (with "commit"), the .gguf
+    file or the folder as an absolute path; "given" is MODEL as typed."""
+    if source.repo_id is not None:
+        resolved = source.repo_id
+    elif source.gguf is not None:
+        resolved = source.gguf
+    else:
+        resolved = str(Path(model).expanduser().resolve())
+    return {"model": resolved, "given": model, "repo_id": source.repo_id, "commit": source.commit,
+            "gguf": source.gguf, "fingerprint": fingerprint}
 
 
 def _timings(calibration_seconds: float, layer_seconds: list[float], phase_seconds: dict[str, float],

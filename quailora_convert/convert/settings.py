@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bundle.layout import DEFAULT_MAX_SHARD_BYTES
-from ..core.options import DEFAULT_DAMP, DEFAULT_GPTQ_DAMP, ROUNDINGS, SOLVERS
+from ..core.options import DEFAULT_DAMP, DEFAULT_GPTQ_DAMP, LORA_SPLITS, ROUNDINGS, SOLVERS
 from ..errors import BadInputError
 
 # Seconds between resume points (each writes the next layer's inputs: 48 MB on SmolLM2, 8.6 GB for a 70B model at
@@ -17,6 +17,9 @@ from ..errors import BadInputError
 DEFAULT_RESUME_INTERVAL = 60.0
 # auto: the checkpoint's bfloat16 where the device computes it fast (capture.calibration_dtype), else float32
 CALIB_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# inputs of the H update H += X^T X (the sums are float32 either way): bfloat16 rounds X to it and multiplies with
+# float32 accumulation (core.hessian.add_upper_triangle), which may halve the update's cost on a GPU
+HESSIAN_DTYPES = ("float32", "bfloat16")
 RUN_ONLY_SETTINGS = ("overwrite", "resume", "resume_interval")  # how a run was started, not what it makes
 
 if TYPE_CHECKING:
@@ -34,6 +37,8 @@ class ConvertSettings:
     rank: int = 64
     lora_alpha: float = 16.0
     use_rslora: bool = False
+    # how M is split into lora_B @ lora_A (M unchanged): balanced, a-kaiming or u (core.lora.to_peft)
+    lora_split: str = "balanced"
     solver: str = "exact"
     als_steps: int = 20
     damp: float = DEFAULT_DAMP
@@ -51,6 +56,7 @@ class ConvertSettings:
     seq_len: int = 512
     batch_size: int = 8
     calib_dtype: str = "auto"  # dtype of the calibration forward: auto, float32, bfloat16, float16
+    hessian_dtype: str = "float32"  # inputs of the H update: float32, or bfloat16 (float32 accumulation)
     device: str = "auto"
     seed: int = 0
     revision: str | None = None
@@ -67,10 +73,14 @@ class ConvertSettings:
 
         if self.solver not in SOLVERS:
             raise BadInputError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.lora_split not in LORA_SPLITS:
+            raise BadInputError(f"--lora-split {self.lora_split!r}: choose one of {', '.join(LORA_SPLITS)}")
         if self.rounding not in ROUNDINGS:
             raise BadInputError(f"--rounding {self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
         if self.calib_dtype not in CALIB_DTYPES:
             raise BadInputError(f"--calib-dtype {self.calib_dtype!r}: choose one of {', '.join(CALIB_DTYPES)}")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise BadInputError(f"--hessian-dtype {self.hessian_dtype!r}: choose one of {', '.join(HESSIAN_DTYPES)}")
         if self.refine < 0:
             raise BadInputError(f"--refine must be >= 0, got {self.refine}")
         if not self.gptq_damp > 0:

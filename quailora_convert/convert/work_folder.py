@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..bundle.safetensors_stream import SafetensorsStreamWriter, header_bytes_for
+from ..bundle.safetensors_stream import SafetensorsStreamWriter, disk_full_named, header_bytes_for
 from ..calibration.batches import CalibrationBatch
 from ..errors import BadInputError
 from ..stopping import critical
@@ -36,7 +36,7 @@ STATE = "state.json"
 OWNER = "owner.json"
 CALIBRATION = "calibration.safetensors"
 BUNDLE = "bundle"
-STATE_FORMAT = 3  # 2: the ranks' shares (torchrun); 3: shares by padded positions (Ranks.share)
+STATE_FORMAT = 4  # 2: the ranks' shares (torchrun); 3: shares by padded positions (Ranks.share); 4: quailora_init/
 _ENDS_BYTES = 1 << 20  # a weight file is fingerprinted by its size and the sha256 of its first and last MiB
 
 
@@ -183,6 +183,7 @@ def fingerprint(settings: dict, source_folder: Path, repo_id: str | None, commit
         files = [Path(gguf)] if gguf else sorted(p for p in Path(source_folder).iterdir() if p.is_file())
         source = {"files": {p.name: _file_fingerprint(p) for p in files}}
     ignored = {*RUN_ONLY_SETTINGS, "out"}
+    settings = {**settings, "model": _resolved(settings["model"]), "calib": _resolved(settings["calib"])}
     return {
         "source": source,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if k not in ignored},
@@ -190,6 +191,13 @@ def fingerprint(settings: dict, source_folder: Path, repo_id: str | None, commit
         "versions": {"quailora_convert": __version__, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
     }
+
+
+def _resolved(value: str) -> str:
+    """A local path as its absolute, resolved spelling (m_base, ./m_base and /abs/m_base are one source); a Hub id,
+    preset or 'self' as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
 
 
 def _device_identity(device: torch.device) -> dict:
@@ -256,7 +264,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with disk_full_named(tmp.parent, path.name), open(tmp, "w") as f:
         f.write(json.dumps(data, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -270,7 +278,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         writer.add(name, tensor)
     writer.close()
-    with open(tmp, "rb+") as f:
+    with disk_full_named(tmp.parent, path.name), open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 

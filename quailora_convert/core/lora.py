@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
+from .options import LORA_SPLITS
 from .solvers import LowRank
+
+# The norm of each row of PEFT's default lora_A: kaiming_uniform_(a=sqrt(5)) draws U(-1/sqrt(in), 1/sqrt(in)),
+# variance 1/(3 in), so a row of in entries has squared norm 1/3 on average, whatever in is
+KAIMING_ROW_NORM = 1 / math.sqrt(3)
 
 
 def adapter_key(module_path: str, factor: str) -> str:
@@ -33,18 +39,38 @@ def lora_scaling(lora_alpha: float, rank: int, use_rslora: bool = False) -> floa
     return lora_alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
-def to_peft(low_rank: LowRank, scaling: float) -> tuple[Tensor, Tensor]:
-    """(lora_A (r, in), lora_B (out, r)) in float32 with scaling * lora_B @ lora_A == M.
+def to_peft(low_rank: LowRank, scaling: float, split: str = "balanced") -> tuple[Tensor, Tensor]:
+    """(lora_A (r, in), lora_B (out, r)) in float32 with scaling * lora_B @ lora_A == M, split as asked.
 
-    The scaling is divided out evenly between the two factors, so PEFT's forward, which
-    multiplies by it, reproduces M exactly (PEFT's own LoftQ init omits this: peft#1982).
+    With M = U S V^T (the SVD of low_rank's product):
+    - balanced: lora_B = U sqrt(S) / sqrt(scaling), lora_A = sqrt(S) V^T / sqrt(scaling) (both factors
+      share the scale; the scaling is divided out evenly, so PEFT's forward, which multiplies by it,
+      reproduces M exactly: PEFT's own LoftQ init omits this, peft#1982);
+    - a-kaiming: lora_A = V^T * KAIMING_ROW_NORM, each row the norm PEFT's Kaiming-uniform lora_A has
+      (orthogonal rows, as PEFT's nearly are for in >> r), lora_B = U S / (KAIMING_ROW_NORM * scaling):
+      under Adam the factors then take steps of the size plain LoRA's take near step 0;
+    - u: lora_A = V^T (orthonormal rows), lora_B = U S / scaling.
     """
     if not scaling > 0:
         raise ValueError(f"LoRA scaling must be positive, got {scaling}")
-    root = math.sqrt(scaling)
-    lora_A = (low_rank.right / root).float().contiguous()
-    lora_B = (low_rank.left / root).float().contiguous()
+    if split == "balanced":  # low_rank's factors are U sqrt(S), sqrt(S) V^T already (solvers._balanced)
+        root = math.sqrt(scaling)
+        return (low_rank.right / root).float().contiguous(), (low_rank.left / root).float().contiguous()
+    row_norm = {"a-kaiming": KAIMING_ROW_NORM, "u": 1.0}.get(split)
+    if row_norm is None:
+        raise ValueError(f"unknown LoRA split {split!r}; choose one of {', '.join(LORA_SPLITS)}")
+    U, S, Vh = _svd_of_product(low_rank.left.double(), low_rank.right.double())
+    lora_A = (Vh * row_norm).float().contiguous()  # (r, in)
+    lora_B = (U * (S / (row_norm * scaling))).float().contiguous()  # (out, r)
     return lora_A, lora_B
+
+
+def _svd_of_product(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U (out, r), S (r,), Vh (r, in) of left @ right without forming it: QR of each factor, SVD of an r x r."""
+    Q_left, R_left = torch.linalg.qr(left)  # (out, r), (r, r)
+    Q_right, R_right = torch.linalg.qr(right.T)  # (in, r), (r, r)
+    u, S, vh = torch.linalg.svd(R_left @ R_right.T)
+    return Q_left @ u, S, vh @ Q_right.T
 
 
 def rank_patterns(shapes: dict[str, tuple[int, int]], rank: int, lora_alpha: float,
@@ -69,3 +95,28 @@ def rank_patterns(shapes: dict[str, tuple[int, int]], rank: int, lora_alpha: flo
             ranks.update({p: clipped[p] for p in sorted(paths) if p in clipped})
     factor = (lambda r: math.sqrt(r / rank)) if use_rslora else (lambda r: r / rank)
     return ranks, {key: lora_alpha * factor(r) for key, r in ranks.items()}
+
+
+def difference_factors(lora_A: Tensor, lora_B: Tensor, init_A: Tensor, init_B: Tensor) -> tuple[Tensor, Tensor]:
+    """(A (r + r0, in), B (out, r + r0)) with B @ A == lora_B @ lora_A - init_B @ init_A, exactly.
+
+    What PEFT's LoraModel.subtract_mutated_init stores for a PiSSA/OLoRA/CorDA adapter converted to plain
+    LoRA: [A; A0] and [B, -B0], concatenated along the rank, so no product is ever formed.
+    """
+    if lora_A.shape[1] != init_A.shape[1] or lora_B.shape[0] != init_B.shape[0]:
+        raise ValueError(f"factors of different modules: lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}, "
+                         f"init_A {tuple(init_A.shape)}, init_B {tuple(init_B.shape)}")
+    dtype = torch.promote_types(lora_A.dtype, init_A.dtype)
+    A = torch.cat([lora_A.to(dtype), init_A.to(dtype)], dim=0).contiguous()
+    B = torch.cat([lora_B.to(dtype), -init_B.to(dtype)], dim=1).contiguous()
+    return A, B
+
+
+def alpha_for_doubled_rank(lora_alpha: float, use_rslora: bool = False) -> float:
+    """The lora_alpha that keeps a module's scaling when difference_factors doubles its rank (r0 == r).
+
+    alpha * 2, or alpha * sqrt(2) under rsLoRA (scaling alpha / sqrt(r)): what PEFT's save_pretrained does to
+    lora_alpha when it converts a PiSSA/OLoRA/CorDA adapter. Every alpha_pattern entry takes the same factor (PEFT
+    doubles those even under rsLoRA, which is why it refuses rsLoRA with a rank or alpha pattern).
+    """
+    return lora_alpha * (math.sqrt(2.0) if use_rslora else 2.0)

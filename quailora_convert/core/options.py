@@ -4,3 +4,6 @@ SOLVERS = ("exact", "als", "svd")
 DEFAULT_DAMP = 1e-6  # eigenvalue floor, relative to the mean eigenvalue of H
 ROUNDINGS = ("nearest", "gptq")
 DEFAULT_GPTQ_DAMP = 0.01  # added to H's diagonal before GPTQ's inverse, relative to its mean diagonal (GPTQ's percdamp)
+# How the adapter's correction M is split into PEFT's two factors, M unchanged (core.lora.to_peft): balanced
+# (U sqrt(S), sqrt(S) V^T), a-kaiming (A = V^T with PEFT's Kaiming-uniform row norm, B the rest), u (B = U S, A = V^T)
+LORA_SPLITS = ("balanced", "a-kaiming", "u")

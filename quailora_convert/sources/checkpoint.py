@@ -13,6 +13,15 @@ from ..errors import BadInputError, UnsupportedModelError
 
 
 FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite pass
+SHOWN_MISSING = 3  # missing tensors named in one error line
+
+
+class DamagedSourceError(BadInputError):
+    """A file of the source checkpoint is missing, unreadable, or holds NaN/inf; path is that file."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = Path(path)
 
 
 class CheckpointReader:
@@ -43,13 +52,29 @@ class CheckpointReader:
         try:
             tensor = self._handles[filename].get_tensor(key)
         except SafetensorError as e:
-            raise BadInputError(f"{key} cannot be read from {path} ({e}): the shard looks truncated or corrupt; "
-                                "re-download the model") from e
+            raise DamagedSourceError(f"{key} cannot be read from {path} ({e}): the shard looks truncated or corrupt; "
+                                     "re-download the model", path) from e
         check_finite(tensor, key, path)
         return tensor
 
     def release(self) -> None:
         self._handles.clear()
+
+    def check_files(self) -> None:
+        """Before any heavy work: every file the checkpoint lists exists, has a readable safetensors header,
+        and holds the tensors listed in it (a missing shard is named now, not at its layer)."""
+        listed: dict[str, list[str]] = {}
+        for key, filename in self.key_to_file.items():
+            listed.setdefault(filename, []).append(key)
+        for filename, keys in listed.items():
+            path = self.folder / filename
+            with open_safetensors(path) as f:
+                held = set(f.keys())
+            absent = [key for key in keys if key not in held]
+            if absent:
+                raise DamagedSourceError(f"{path} lacks {_listed(absent)}, which {SAFETENSORS_INDEX} lists in it: "
+                                         "the download is incomplete or the index is stale; re-download the model",
+                                         path)
 
 
 def _key_to_file(folder: Path) -> dict[str, str]:
@@ -72,13 +97,13 @@ def _key_to_file(folder: Path) -> dict[str, str]:
 def open_safetensors(path: Path):
     """safe_open(path), with a truncated, corrupt or missing shard as one BadInputError naming the file."""
     if not path.is_file():
-        raise BadInputError(f"{path} is missing (the checkpoint lists tensors in it): the download is incomplete; "
-                            "re-download the model")
+        raise DamagedSourceError(f"{path} is missing (the checkpoint lists tensors in it): the download is incomplete; "
+                                 "re-download the model", path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
-        raise BadInputError(f"{path} is not a readable safetensors file ({e}): it looks truncated or corrupt; "
-                            "re-download the model") from e
+        raise DamagedSourceError(f"{path} is not a readable safetensors file ({e}): it looks truncated or corrupt; "
+                                 "re-download the model", path) from e
 
 
 def check_finite(tensor: torch.Tensor, key: str, path: Path) -> None:
@@ -95,8 +120,9 @@ def check_finite(tensor: torch.Tensor, key: str, path: Path) -> None:
     for part in tensor.reshape(-1).split(FINITE_CHECK_CHUNK):  # bounds the temporary masks of a large embedding
         nan, inf = nan + int(torch.isnan(part).sum()), inf + int(torch.isinf(part).sum())
     if nan or inf:
-        raise BadInputError(f"{key} in {path} has non-finite values ({nan} NaN, {inf} inf of {tensor.numel()}): "
-                            "the checkpoint is corrupt or was saved from a diverged run; re-download or re-export it")
+        raise DamagedSourceError(f"{key} in {path} has non-finite values ({nan} NaN, {inf} inf of {tensor.numel()}): "
+                                 "the checkpoint is corrupt or was saved from a diverged run; re-download or re-export it",
+                                 path)
 
 
 class KeyMap:
@@ -128,6 +154,41 @@ class KeyMap:
 
     def model_key(self, checkpoint_key: str) -> str:
         return self.to_model.get(checkpoint_key, checkpoint_key)
+
+    def check_complete(self, model: nn.Module, folder: Path) -> None:
+        """BadInputError naming every parameter model needs that the checkpoint lacks (before any heavy work).
+
+        A tied parameter (transformers' all_tied_weights_keys: the output head of a tie_word_embeddings
+        model) is filled from the one it is tied to, so the checkpoint need not store it.
+        """
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        missing = [name for name, _ in model.named_parameters() if name not in tied and name not in self.to_checkpoint]
+        if not missing:
+            return
+        head = model.get_output_embeddings()
+        untied_head = head is not None and any(head.weight is p for n, p in model.named_parameters() if n in missing)
+        hint = (" (config.json unties the output head: if it shares the embedding's weights, set "
+                "tie_word_embeddings to true there)" if untied_head else "")
+        raise BadInputError(f"the checkpoint in {folder} has no tensor for {_listed(missing)}, which the model of "
+                            f"config.json needs{hint}: the download is incomplete or the shards do not match "
+                            "config.json; re-download the model")
+
+
+def open_checkpoint(folder: Path, model: nn.Module, shards_present: bool = True) -> tuple[CheckpointReader, KeyMap]:
+    """The checkpoint in folder for the skeleton model, checked before any heavy work: every listed file
+    readable (shards_present; a plan of a Hub model has the index only) and every parameter there."""
+    reader = CheckpointReader(folder)
+    if shards_present:
+        reader.check_files()
+    key_map = KeyMap(list(model.state_dict()), reader.keys(), model.base_model_prefix, transformers_renaming(model))
+    key_map.check_complete(model, folder)
+    return reader, key_map
+
+
+def _listed(names: list[str]) -> str:
+    """'a, b, c and 4 more'."""
+    shown = ", ".join(names[:SHOWN_MISSING])
+    return shown + (f" and {len(names) - SHOWN_MISSING} more" if len(names) > SHOWN_MISSING else "")
 
 
 def read_parameter(reader: CheckpointReader, key_map: KeyMap, prefix: str, name: str) -> torch.Tensor:
