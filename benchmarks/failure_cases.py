@@ -369,8 +369,10 @@ def case_nan_fixed_resume(cli, inputs, work):
     original = poison(source / "layers-2.safetensors", "model.layers.2.input_layernorm.weight")
     args = ["--calib", inputs["calib"], "--out", work / "out", "--rank", 8, "--num-samples", 8, "--seq-len", 32,
             "--resume-interval", 0]
-    code, line, _ = cli.run(source, *args)
-    advice = "advises --resume" if "--resume" in line.split("stopped at", 1)[-1].split("(or")[0] else "advises --overwrite"
+    failed = subprocess.run(cli.command(source, *args), capture_output=True, text=True, env=cli.env(), cwd=cli.root)
+    code, advice = failed.returncode, "advises --overwrite"
+    if "then run the same command with --resume" in failed.stderr:
+        advice = "advises fixing the file, then --resume"
     (source / "layers-2.safetensors").write_bytes(original)
     resumed, resumed_line, _ = cli.run(f"{work}/./m_base/", *args, "--resume")
     return f"{code}, {advice}; fixed + --resume: {resumed} · `{resumed_line[:90]}`"

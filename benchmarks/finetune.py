@@ -209,13 +209,13 @@ def check_dropout_is_zero(model, label: str) -> None:
 # ---- the adapter's factors
 
 def lora_factors(model) -> dict[str, tuple]:
-    """module path -> (lora_A (r, in), scaling * lora_B (out, r)), float64 detached copies."""
+    """module path -> (lora_A (r, in), lora_B (out, r), scaling): float64 detached copies of the factors."""
     factors = {}
     for path, module in model.named_modules():
         if "default" in getattr(module, "lora_A", {}) and hasattr(module, "scaling"):
-            A = module.lora_A["default"].weight.detach().double()
-            B = module.lora_B["default"].weight.detach().double() * module.scaling["default"]
-            factors[path] = (A.clone(), B.clone())
+            A = module.lora_A["default"].weight.detach().double().clone()
+            B = module.lora_B["default"].weight.detach().double().clone()
+            factors[path] = (A, B, float(module.scaling["default"]))
     if not factors:
         raise SystemExit("no LoRA layer in the model")
     return factors
@@ -231,34 +231,559 @@ def product_norm_squared(A, B) -> float:
 
 
 def factor_norms(factors: dict[str, tuple]) -> dict[str, dict[str, float]]:
-    """Per module kind and over "all" modules: ||A||_F, ||B||_F (lora_B as stored) and ||s B A||_F."""
-    sums: dict[str, dict[str, float]] = {}
-    for path, (A, sB) in factors.items():
+    """Per module kind and over "all" modules: ||A||_F, ||B||_F (as stored) and ||s B A||_F (the correction M)."""
+    squares: dict[str, dict[str, float]] = {}
+    for path, (A, B, scaling) in factors.items():
         for kind in (module_kind(path), "all"):
-            into = sums.setdefault(kind, {"A": 0.0, "B": 0.0, "scaled_BA": 0.0})
+            into = squares.setdefault(kind, {"A": 0.0, "B": 0.0, "scaled_BA": 0.0})
             into["A"] += float((A * A).sum())
-            into["scaled_BA"] += product_norm_squared(A, sB)
-            into["B_scaled"] = into.get("B_scaled", 0.0) + float((sB * sB).sum())
-    return {kind: {"A": math.sqrt(v["A"]), "B": math.sqrt(v["B_scaled"]) / _scaling_of(factors, kind),
-                   "scaled_BA": math.sqrt(v["scaled_BA"])} for kind, v in sums.items()}
-
-
-def _scaling_of(factors: dict[str, tuple], kind: str) -> float:
-    return 1.0  # placeholder, replaced below
+            into["B"] += float((B * B).sum())
+            into["scaled_BA"] += scaling ** 2 * max(product_norm_squared(A, B), 0.0)
+    return {kind: {name: math.sqrt(value) for name, value in values.items()} for kind, values in squares.items()}
 
 
 def distance_from_init(factors: dict[str, tuple], init: dict[str, tuple]) -> dict[str, dict[str, float | None]]:
     """Per module kind and "all": ||s (B A - B0 A0)||_F, absolute and relative to ||s B0 A0||_F (None where that is
-    0: PEFT's default init). Computed from [B, -B0] [A; A0] by its Gram matrices: cheap at any width."""
+    0: PEFT's default init). The difference is [B, -B0] [A; A0]: its norm from the 2r x 2r Gram matrices."""
     import torch
 
-    sums: dict[str, list[float]] = {}
-    for path, (A, sB) in factors.items():
-        A0, sB0 = init[path]
-        moved = product_norm_squared(torch.cat([A, A0]), torch.cat([sB, -sB0], dim=1))
+    squares: dict[str, list[float]] = {}
+    for path, (A, B, scaling) in factors.items():
+        A0, B0, _ = init[path]
+        moved = scaling ** 2 * max(product_norm_squared(torch.cat([A, A0]), torch.cat([B, -B0], dim=1)), 0.0)
+        start = scaling ** 2 * max(product_norm_squared(A0, B0), 0.0)
         for kind in (module_kind(path), "all"):
-            into = sums.setdefault(kind, [0.0, 0.0])
-            into[0] += max(moved, 0.0)
-            into[1] += product_norm_squared(A0, sB0)
-    return {kind: {"absolute": math.sqrt(d), "relative": math.sqrt(d / m) if m > 0 else None}
-            for kind, (d, m) in sums.items()}
+            into = squares.setdefault(kind, [0.0, 0.0])
+            into[0] += moved
+            into[1] += start
+    return {kind: {"absolute": math.sqrt(moved), "relative": math.sqrt(moved / start) if start > 0 else None}
+            for kind, (moved, start) in squares.items()}
+
+
+# ---- one run
+
+@dataclass
+class Study:
+    """What every run of an invocation shares: the protocol, the tokenized data, where files go."""
+
+    protocol: dict  # what makes two runs comparable; a run file made under another one is refused
+    train_ids: list[list[int]]
+    eval_ids: dict[str, list[list[int]]]  # "task", "forget"
+    pad_id: int
+    source: Path
+    device: str
+    checkpointing: bool
+    micro_batch: int
+    eval_batch: int
+    threads: int | None
+    out: Path
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The steps after step 0 where both perplexities are measured: every 1/CURVE_POINTS of steps."""
+    return sorted({round(steps * k / CURVE_POINTS) for k in range(1, CURVE_POINTS + 1)} - {0})
+
+
+def measure(model, study: Study, step: int, init: dict | None) -> dict:
+    point = {"step": step, **{name: heldout_perplexity(model, ids, study.eval_batch, study.pad_id)
+                              for name, ids in study.eval_ids.items()}}
+    if init is not None:
+        point["distance"] = distance_from_init(lora_factors(model), init)
+    return point
+
+
+def train_one(spec: RunSpec, seed: int, study: Study) -> dict:
+    """Fine-tune one init with one seed; the run's record (curve, losses, norms, seconds)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from quailora_convert.calibration.batches import make_batches
+
+    clock = Clock()
+    torch.manual_seed(seed)  # PEFT's random lora_A for --plain and --int8
+    model = load_model(spec, study.source, study.device, study.checkpointing)
+    clock.lap("load")
+    check_dropout_is_zero(model, spec.label)
+    init = lora_factors(model)
+    steps = study.protocol["steps"]
+    wanted = checkpoints(steps)
+
+    def timed_measure(step: int) -> dict:
+        clock.lap("train")  # the steps since the last lap (nothing before step 0)
+        point = measure(model, study, step, init)
+        clock.lap("eval")
+        print(f"{spec.label} seed {seed}: step {step} " + " ".join(f"{k} ppl {point[k]:.4f}" for k in study.eval_ids),
+              flush=True)
+        return point
+
+    curve = [timed_measure(0)]
+    logged: list[dict] = []
+
+    class Checkpoints(TrainerCallback):
+        def on_step_end(self, training_args, state, control, **kwargs):
+            if state.global_step in wanted:
+                curve.append(timed_measure(state.global_step))
+
+        def on_log(self, training_args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                logged.append({"step": state.global_step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm")})
+
+    def collate(examples):
+        [batch] = make_batches([e["input_ids"] for e in examples], len(examples), study.pad_id)
+        ids, mask = batch.input_ids, batch.attention_mask
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    with tempfile.TemporaryDirectory(prefix="finetune-") as trainer_dir:  # save_strategy "no": nothing lands here
+        training = TrainingArguments(
+            output_dir=trainer_dir, max_steps=steps, learning_rate=LEARNING_RATE, warmup_steps=WARMUP_RATIO,  # a float: the fraction
+            lr_scheduler_type="linear", optim="adamw_torch", per_device_train_batch_size=study.micro_batch,
+            gradient_accumulation_steps=TOTAL_BATCH // study.micro_batch, max_grad_norm=MAX_GRAD_NORM,
+            logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], seed=seed, data_seed=seed,
+            remove_unused_columns=False, use_cpu=study.device == "cpu", disable_tqdm=True,
+        )
+        dataset = [{"input_ids": ids} for ids in study.train_ids]
+        trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=collate,
+                          callbacks=[Checkpoints()])
+        clock.lap("load")  # the Trainer's set-up
+        trainer.train()
+        clock.lap("train")
+    early = [entry["grad_norm"] for entry in logged[:GRAD_NORM_STEPS] if entry["grad_norm"] is not None]
+    return {
+        "label": spec.label, "kind": spec.kind, "bundle": str(spec.bundle), "seed": seed,
+        "protocol": study.protocol, "bundle_settings": bundle_settings(spec.bundle),
+        "compute": {"device": study.device, "threads": study.threads, "micro_batch": study.micro_batch,
+                    "gradient_checkpointing": study.checkpointing, "base_compute_dtype": base_compute_dtype(model),
+                    "versions": versions()},
+        "curve": curve, "losses": logged,
+        "grad_norm_first": {"steps": len(early), "mean": statistics.fmean(early) if early else None,
+                            "max": max(early) if early else None},
+        "init_norms": factor_norms(init),
+        "seconds": clock.seconds(),
+    }
+
+
+class Clock:
+    """Wall and process CPU seconds of a run, in all and by part (load, train: the optimizer steps, eval)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = (time.perf_counter(), time.process_time())
+        self.parts: dict[str, float] = {}
+
+    def lap(self, part: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        for unit, before, after in (("wall", self.last[0], now[0]), ("cpu", self.last[1], now[1])):
+            key = f"{part}_{unit}"
+            self.parts[key] = self.parts.get(key, 0.0) + after - before
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        return {"wall": time.perf_counter() - self.start[0], "cpu": time.process_time() - self.start[1], **self.parts}
+
+
+def bundle_settings(bundle: Path) -> dict:
+    """What made the bundle (its report's settings that matter here), {} where it has no report."""
+    from quailora_convert.bundle.layout import REPORT
+
+    path = bundle / REPORT
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text()).get("settings", {})
+    keys = ("bits", "rank", "lora_alpha", "use_rslora", "lora_split", "solver", "als_steps", "rounding", "refine",
+            "num_samples", "seq_len", "seed", "calib")
+    return {k: settings[k] for k in keys if k in settings}
+
+
+def base_compute_dtype(model) -> str | None:
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if dtype is not None:
+            return str(dtype).removeprefix("torch.")
+    return None
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__}
+
+
+# ---- run files: one per (label, seed), skipped when present, a lock while running
+
+def run_path(out: Path, label: str, seed: int) -> Path:
+    return out / RUNS / label / f"seed-{seed}.json"
+
+
+def read_run(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not a run file ({e}); move it away to run it again") from e
+
+
+def check_same_run(existing: dict, spec: RunSpec, protocol: dict, path: Path) -> None:
+    """A present run file counts only if it is this run under this protocol; anything else is refused."""
+    if existing.get("kind") != spec.kind or Path(existing.get("bundle", "")) != spec.bundle:
+        raise SystemExit(f"{path}: label {spec.label!r} was run as {existing.get('kind')} from "
+                         f"{existing.get('bundle')}; give this one another label, or another --out")
+    differs = sorted(k for k in set(protocol) | set(existing.get("protocol", {}))
+                     if protocol.get(k) != existing.get("protocol", {}).get(k))
+    if differs:
+        raise SystemExit(f"{path}: made under another protocol ({', '.join(differs)} differ); use another --out")
+
+
+def take_lock(path: Path) -> bool:
+    """Hold path.lock for this process; False when a live process on this machine holds it."""
+    lock = path.with_name(path.name + ".lock")
+    host = socket.gethostname()
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                return False  # being written by its holder this instant
+            if holder.get("host") == host and not _alive(holder.get("pid", -1)):
+                lock.unlink(missing_ok=True)  # left by a process that died: take it over
+                continue
+            return False
+        with os.fdopen(handle, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host}, f)
+        return True
+
+
+def release_lock(path: Path) -> None:
+    path.with_name(path.name + ".lock").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def write_atomically(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def run_all(specs: list[RunSpec], seeds: list[int], study: Study) -> tuple[int, int]:
+    """(runs done now, runs skipped): each (spec, seed) whose file is missing, in seed-major order."""
+    done = skipped = 0
+    for seed in seeds:
+        for spec in specs:
+            path = run_path(study.out, spec.label, seed)
+            if path.exists():
+                check_same_run(read_run(path), spec, study.protocol, path)
+                print(f"{spec.label} seed {seed}: skipped, {path} is there", flush=True)
+                skipped += 1
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not take_lock(path):
+                print(f"{spec.label} seed {seed}: skipped, another process is running it", flush=True)
+                skipped += 1
+                continue
+            try:
+                record = train_one(spec, seed, study)
+                write_atomically(path, record)
+            finally:
+                release_lock(path)
+            print(f"{spec.label} seed {seed}: done in {record['seconds']['cpu']:.0f} CPU s "
+                  f"({record['seconds']['wall']:.0f} s wall) -> {path}", flush=True)
+            done += 1
+    return done, skipped
+
+
+# ---- the report: built from whatever run files are there
+
+def load_runs(out: Path) -> list[dict]:
+    return [read_run(p) for p in sorted((out / RUNS).glob("*/seed-*.json"))]
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def gap_closed(init: float, plain: float, int8: float) -> float | None:
+    """(plain - init) / (plain - int8): 0 at plain QLoRA, 1 at int8 QLoRA; None when the two references tie."""
+    return (plain - init) / (plain - int8) if plain != int8 else None
+
+
+def reference_label(runs: list[dict], kind: str, wanted: str | None) -> str | None:
+    """The label runs are compared against: wanted, else the one label of that kind (None when not one)."""
+    labels = {r["label"] for r in runs if r["kind"] == kind}
+    if wanted is not None:
+        return wanted if any(r["label"] == wanted for r in runs) else None
+    return labels.pop() if len(labels) == 1 else ("plain" if kind == "plain" and "plain" in labels else None)
+
+
+def summarise(runs: list[dict], plain_label: str | None = None, int8_label: str | None = None) -> dict:
+    """Per label: mean and spread of both perplexities per checkpoint, the gap closed per seed (paired with the
+    plain and int8 runs of the same seed) then averaged, whether it beats plain QLoRA at every checkpoint of
+    every paired run, forgetting against plain, the early gradient norm, the factor norms and the distance moved."""
+    protocols = {json.dumps(r["protocol"], sort_keys=True) for r in runs}
+    if len(protocols) > 1:
+        raise SystemExit("the run files were made under different protocols; report them from separate --out")
+    plain_label = reference_label(runs, "plain", plain_label)
+    int8_label = reference_label(runs, "int8", int8_label)
+    by_label: dict[str, dict[int, dict]] = {}
+    for run in runs:
+        by_label.setdefault(run["label"], {})[run["seed"]] = run
+    plain, int8 = by_label.get(plain_label, {}), by_label.get(int8_label, {})
+    inits = {}
+    for label, seeded in by_label.items():
+        inits[label] = _summarise_label(seeded, plain, int8, label == plain_label)
+    return {"protocol": runs[0]["protocol"] if runs else {}, "plain": plain_label, "int8": int8_label,
+            "inits": inits, "cpu_seconds": sum(r["seconds"]["cpu"] for r in runs), "runs": len(runs)}
+
+
+def _summarise_label(seeded: dict[int, dict], plain: dict[int, dict], int8: dict[int, dict], is_plain: bool) -> dict:
+    first = next(iter(seeded.values()))
+    steps = [p["step"] for p in first["curve"]]
+    seeds = sorted(seeded)
+    curves = {name: [_spread([seeded[s]["curve"][i][name] for s in seeds]) for i in range(len(steps))]
+              for name in ("task", "forget")}
+    paired = [s for s in seeds if s in plain and s in int8]
+    gaps = [[gap_closed(seeded[s]["curve"][i]["task"], plain[s]["curve"][i]["task"], int8[s]["curve"][i]["task"])
+             for s in paired] for i in range(len(steps))]
+    gap_curve = [_spread([g for g in at_step if g is not None]) if any(g is not None for g in at_step) else None
+                 for at_step in gaps]
+    against_plain = [s for s in seeds if s in plain]
+    beats = None
+    if against_plain and not is_plain:
+        wins = [seeded[s]["curve"][i]["task"] < plain[s]["curve"][i]["task"]
+                for s in against_plain for i in range(len(steps))]
+        beats = {"every": all(wins), "won": sum(wins), "of": len(wins)}
+    forget_vs_plain = None
+    if against_plain and not is_plain:
+        forget_vs_plain = _spread([seeded[s]["curve"][-1]["forget"] - plain[s]["curve"][-1]["forget"]
+                                   for s in against_plain])
+    early = [seeded[s]["grad_norm_first"]["mean"] for s in seeds if seeded[s]["grad_norm_first"]["mean"] is not None]
+    final_distance = [seeded[s]["curve"][-1].get("distance", {}).get("all", {}) for s in seeds]
+    relative = [d["relative"] for d in final_distance if d.get("relative") is not None]
+    return {
+        "kind": first["kind"], "bundle": first["bundle"], "bundle_settings": first.get("bundle_settings", {}),
+        "seeds": seeds, "paired_seeds": paired, "steps": steps, "task": curves["task"], "forget": curves["forget"],
+        "gap_closed": gap_curve, "beats_plain": beats,
+        "forget_rise": _spread([seeded[s]["curve"][-1]["forget"] - seeded[s]["curve"][0]["forget"] for s in seeds]),
+        "forget_final_minus_plain": forget_vs_plain,
+        "grad_norm_first": _spread(early) if early else None,
+        "init_norms": {k: statistics.fmean(seeded[s]["init_norms"]["all"][k] for s in seeds)
+                       for k in ("A", "B", "scaled_BA")},
+        "distance_final": {"absolute": statistics.fmean(d["absolute"] for d in final_distance if d),
+                           "relative": statistics.fmean(relative) if relative else None},
+        "cpu_seconds": _spread([seeded[s]["seconds"]["cpu"] for s in seeds]),
+        "wall_seconds": _spread([seeded[s]["seconds"]["wall"] for s in seeds]),
+    }
+
+
+def _cell(spread: dict | None, digits: int = 3, percent: bool = False) -> str:
+    if spread is None:
+        return "—"
+    scale, unit = (100, "%") if percent else (1, "")
+    text = f"{spread['mean'] * scale:.{digits}f}{unit}"
+    return text + (f" ± {spread['std'] * scale:.{digits}f}" if spread["n"] > 1 else "")
+
+
+def markdown(summary: dict) -> str:
+    """The after-training table and the diagnostics table."""
+    inits = summary["inits"]
+    if not inits:
+        return "no runs yet\n"
+    steps = next(iter(inits.values()))["steps"]
+    protocol = summary["protocol"]
+    lines = [f"Held-out {Path(protocol.get('data', '?')).name} perplexity (mean ± std over seeds), "
+             f"{protocol.get('steps')} steps, batch {TOTAL_BATCH}, records cut to {protocol.get('max_len')} tokens; "
+             f"gap closed = (plain − init) / (plain − int8) per seed (paired), then averaged; plain: "
+             f"{summary['plain']}, int8: {summary['int8']}.", "",
+             "| init | seeds | " + " | ".join(f"step {s}" for s in steps)
+             + " | gap closed at init | gap closed after training | beats plain at every checkpoint "
+               "| forget ppl after | forget − plain's |",
+             "| --- | --- | " + " | ".join("---" for _ in steps) + " | --- | --- | --- | --- | --- |"]
+    for label, row in inits.items():
+        beats = row["beats_plain"]
+        beats_text = "—" if beats is None else f"{'yes' if beats['every'] else 'no'} ({beats['won']}/{beats['of']})"
+        lines.append(f"| {label} | {len(row['seeds'])} | " + " | ".join(_cell(p) for p in row["task"])
+                     + f" | {_cell(row['gap_closed'][0], 1, True)} | {_cell(row['gap_closed'][-1], 1, True)}"
+                     + f" | {beats_text} | {_cell(row['forget'][-1])} | {_cell(row['forget_final_minus_plain'])} |")
+    lines += ["", "| init | made with | ‖A‖ at init | ‖B‖ at init | ‖s B A‖ at init | grad norm, first "
+              f"{GRAD_NORM_STEPS} steps | ‖s (BA − B0A0)‖ after | relative to ‖s B0A0‖ | CPU s per run |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, row in inits.items():
+        norms, distance = row["init_norms"], row["distance_final"]
+        relative = "—" if distance["relative"] is None else f"{distance['relative']:.3f}"
+        lines.append(f"| {label} | {_made_with(row)} | {norms['A']:.2f} | {norms['B']:.2f} | {norms['scaled_BA']:.3f} "
+                     f"| {_cell(row['grad_norm_first'])} | {distance['absolute']:.3f} | {relative} "
+                     f"| {_cell(row['cpu_seconds'], 0)} |")
+    lines += ["", f"{summary['runs']} runs, {summary['cpu_seconds']:.0f} CPU seconds in all."]
+    return "\n".join(lines) + "\n"
+
+
+def _made_with(row: dict) -> str:
+    s = row["bundle_settings"]
+    if row["kind"] == "int8":
+        return "int8 base, PEFT default init"
+    base = f"{s.get('rounding', '?')}" + (f" refine {s['refine']}" if s.get("refine") else "")
+    adapter = "PEFT default init" if row["kind"] == "plain" else (
+        f"{s.get('solver', '?')}" + (f"-{s.get('als_steps')}" if s.get("solver") == "als" else "")
+        + (f", split {s['lora_split']}" if s.get("lora_split", "balanced") != "balanced" else ""))
+    return f"{base} + {adapter}, {s.get('num_samples', '?')} calib"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Mean held-out perplexity per init with a min-max band over seeds: the task's text and the forgetting text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, name, title in ((axes[0], "task", "held-out task text"), (axes[1], "forget", "forgetting text")):
+        for label, row in summary["inits"].items():
+            mean = [p["mean"] for p in row[name]]
+            line, = ax.plot(row["steps"], mean, marker="o", label=f"{label} ({len(row['seeds'])} seeds)")
+            if len(row["seeds"]) > 1:
+                ax.fill_between(row["steps"], [p["min"] for p in row[name]], [p["max"] for p in row[name]],
+                                color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(f"optimizer step (batch {TOTAL_BATCH})")
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("QLoRA fine-tuning: mean and min-max over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, plain_label: str | None = None, int8_label: str | None = None) -> dict:
+    runs = load_runs(out)
+    summary = summarise(runs, plain_label, int8_label)
+    table = markdown(summary)
+    (out / "report.md").write_text(table)
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    if runs:
+        plot(summary, out / "finetune.png")
+    print(table)
+    return summary
+
+
+# ---- the command line
+
+def labelled(values: list[str], kind: str) -> list[RunSpec]:
+    specs = []
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not sep or not Path(path).is_dir():
+            raise SystemExit(f"expected LABEL=BUNDLE_FOLDER, got {value!r}")
+        specs.append(RunSpec(label, kind, Path(path).resolve()))
+    return specs
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the full-precision model (for --int8)")
+    p.add_argument("--bundle", action="append", default=[], help="LABEL=PATH: fine-tune from the bundle's init")
+    p.add_argument("--plain", action="append", default=[], help="LABEL=PATH: the bundle's base, PEFT's default init")
+    p.add_argument("--int8", nargs="?", const="int8", default=None, metavar="LABEL",
+                   help="also int8 QLoRA from --source (label: int8)")
+    p.add_argument("--only", action="append", default=[], metavar="LABEL", help="run only these labels")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1")
+    seeds.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 0,1,2")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--eval-records", type=int, default=64)
+    p.add_argument("--split-seed", type=int, default=42, help="the shuffle that holds --eval-records out")
+    p.add_argument("--forget-data", type=Path, default=DEFAULT_CALIB)
+    p.add_argument("--forget-records", type=int, default=64)
+    p.add_argument("--forget-calib-samples", type=int, default=128, help="the calibration draw to keep out of it")
+    p.add_argument("--forget-calib-seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--micro-batch", type=int, default=4, help="per-step batch; accumulation makes it 16")
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
+    p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
+                   help="prepare_model_for_kbit_training(use_gradient_checkpointing=False): same math, less CPU")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune.py report", description="Table and plot from the run files in --out.")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plain-label", default=None, help="the plain QLoRA runs (default: the label 'plain')")
+    p.add_argument("--int8-label", default=None, help="the int8 QLoRA runs (default: the one --int8 label)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["report"]:
+        args = report_parser().parse_args(argv[1:])
+        write_report(args.out, args.plain_label, args.int8_label)
+        return 0
+    p = run_parser()
+    args = p.parse_args(argv)
+    if TOTAL_BATCH % args.micro_batch:
+        p.error(f"--micro-batch must divide {TOTAL_BATCH}")
+    specs = labelled(args.bundle, "bundle") + labelled(args.plain, "plain")
+    if not specs:
+        p.error("give at least one --bundle or --plain")
+    if args.int8:
+        specs.append(RunSpec(args.int8, "int8", specs[0].bundle))  # its LoraConfig: the first bundle's
+    bad = [s.label for s in specs if not LABEL_PATTERN.match(s.label)]
+    if bad or len({s.label for s in specs}) < len(specs):
+        p.error(f"labels must be distinct folder names (letters, digits, . _ -): {bad or [s.label for s in specs]}")
+    unknown = set(args.only) - {s.label for s in specs}
+    if unknown:
+        p.error(f"--only {', '.join(sorted(unknown))}: no such label")
+    selected = [s for s in specs if not args.only or s.label in args.only]
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
+
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported
+    import torch
+    from transformers import AutoTokenizer
+
+    from quailora_convert.calibration.batches import pad_token_id
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here")
+    tokenizer = AutoTokenizer.from_pretrained(specs[0].bundle)
+    train_texts, eval_texts = split_records(args.data, args.eval_records, args.split_seed)
+    forget = forget_texts(args.forget_data, args.forget_records, args.forget_calib_samples, args.forget_calib_seed)
+    protocol = {"data": str(args.data.resolve()), "eval_records": args.eval_records, "split_seed": args.split_seed,
+                "forget_data": str(args.forget_data.resolve()), "forget_records": args.forget_records,
+                "forget_calib_samples": args.forget_calib_samples, "forget_calib_seed": args.forget_calib_seed,
+                "max_len": args.max_len, "steps": args.steps, "total_batch": TOTAL_BATCH, "lr": LEARNING_RATE,
+                "warmup_ratio": WARMUP_RATIO, "schedule": "linear", "optimizer": "adamw_torch",
+                "max_grad_norm": MAX_GRAD_NORM, "checkpoints": [0, *checkpoints(args.steps)],
+                "source": str(args.source.resolve())}
+    study = Study(protocol, tokenized(tokenizer, train_texts, args.max_len),
+                  {"task": tokenized(tokenizer, eval_texts, args.max_len),
+                   "forget": tokenized(tokenizer, forget, args.max_len)},
+                  pad_token_id(tokenizer), args.source, args.device, args.checkpointing, args.micro_batch,
+                  args.eval_batch, args.threads, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    done, skipped = run_all(selected, seeds, study)
+    print(f"{done} runs done, {skipped} skipped", flush=True)
+    write_report(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

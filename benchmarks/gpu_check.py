@@ -2,7 +2,8 @@
 
 In one process tree (each step a child process, so each one's peak memory is its own):
 1. a random-weight checkpoint of the shape (synthetic.py; kept in OUT/source and reused by a rerun), and one
-   plain-text calibration document of its vocabulary's words (or --calib);
+   plain-text calibration document of its vocabulary's words (or --calib); the conversion's --dry-run plan
+   (its estimates of memory and seconds, and where the activations wait), to compare with what the run takes;
 2. the conversion through the quailora-convert console script, as a user runs it (defaults, --rank);
 3. a bare forward in the calibration dtype over the same batches (speed.py's time_forward_pass), and the
    floor, one forward plus the H update as speed.py's time_floor runs it, with the H update's inputs in
@@ -84,8 +85,10 @@ class Check:
             self.results.setdefault("failed", {})[name] = done.stderr[-3000:]
             self.save()
             raise SystemExit(f"{name} failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
-        lines = done.stdout.strip().splitlines()
-        parsed = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+        text = done.stdout.strip()
+        lines = text.splitlines()
+        parsed = (json.loads(text) if text.startswith("{") and text.endswith("}") and len(lines) > 1
+                  else json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None)
         peak = json.loads(peak_file.read_text()) if peak_file.is_file() else {}
         return {"wall_seconds": wall, "peak": peak, "stdout_json": parsed}
 
@@ -261,6 +264,7 @@ def run(args) -> dict:
     source = prepare_source(check)
     calib = prepare_calibration(check)
     bundle = check.out / "bundle"
+    check.step("plan", conversion_command(check, source, calib, bundle, "--dry-run", "--json"))
     conversion = convert(check, "conversion", source, calib, bundle)
     child_args = ["--model", str(source), "--calib", str(calib)]
     measured = check.step("measure", _own_command(check, "--measure-child", *child_args))
@@ -293,7 +297,10 @@ def summarize(results: dict, conversion: dict, measured: dict) -> dict:
                "peak_gpu_bytes": max((p.get("max_memory_allocated", 0) for p in peaks), default=0),
                "peak_rss_bytes": max((p.get("max_rss_bytes", 0) for p in peaks), default=0),
                "solve_seconds": results["solve"]["factor_seconds"] + results["solve"]["solve_seconds"],
-               "logits_finite": results["load"]["logits_finite"]}
+               "logits_finite": results["load"]["logits_finite"],
+               "planned_seconds": results["plan"]["seconds"], "planned_peak_host_bytes": results["plan"]["peak_host_bytes"],
+               "planned_peak_device_bytes": results["plan"]["peak_device_bytes"],
+               "activations_on": results["plan"].get("activations_on")}
     bf16 = results.get("conversion_bf16_hessian")
     if bf16:
         summary["bf16_hessian_wall_seconds"] = bf16["wall_seconds"]
@@ -324,6 +331,8 @@ def print_table(results: dict) -> None:
             ("peak GPU memory", f"conversion {_gib(s['conversion_peak_gpu_bytes'])}, any step "
                                 f"{_gib(s['peak_gpu_bytes'])}"),
             ("peak host RSS", f"conversion {_gib(s['conversion_peak_rss_bytes'])}, any step {_gib(s['peak_rss_bytes'])}"),
+            ("dry-run plan", f"{s['planned_seconds']:.0f} s, host {_gib(s['planned_peak_host_bytes'])}, device "
+                             f"{_gib(s['planned_peak_device_bytes'])}, activations on the {s['activations_on']}"),
             ("calibrated error", f"{s['calibrated_error']:.6g} (relative to plain NF4 {c['relative_error_after']:.4f})"),
             ("bundle loads", f"logits finite: {s['logits_finite']}")]
     if "bf16_hessian_wall_seconds" in s:

@@ -10,6 +10,8 @@ from quailora_cli.app import app
 from quailora_cli.evaluate import VerboseOption
 from quailora_convert.bundle.layout import DEFAULT_MAX_SHARD_BYTES, INIT_ADAPTER_DIR
 
+MERGED_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @app.command("export")
 def export_command(
@@ -17,11 +19,14 @@ def export_command(
         f"The fine-tuned adapter folder (model.save_pretrained of the bundle's {INIT_ADAPTER_DIR}/ after training)."))],
     bundle: Annotated[Path, typer.Option("--bundle", help="The bundle the adapter was fine-tuned from.")],
     merged: Annotated[Optional[Path], typer.Option("--merged", help=(
-        "Write a full-precision checkpoint (the source's dtype) of dequant(Q) + the fine-tuned adapter here: what the "
-        "fine-tuned QLoRA model computes, loaded by plain transformers."))] = None,
+        "Write a full-precision checkpoint (the source's dtype, or --dtype) of dequant(Q) + the fine-tuned adapter "
+        "here: what the fine-tuned QLoRA model computes, loaded by plain transformers."))] = None,
     lora_for_source: Annotated[Optional[Path], typer.Option("--lora-for-source", help=(
         "Write a LoRA adapter (rank 2r) for the original source model here: the fine-tuning's change alone, without "
         "the quantization correction."))] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help=(
+        "dtype of the merged linears: float32, bfloat16 or float16 (default: the source's, as config.json says; "
+        "computed in float32 and rounded once)."))] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Replace an existing output folder (a checkpoint or adapter folder only)."))] = False,
     max_shard_bytes: Annotated[int, typer.Option("--max-shard-bytes", help=(
@@ -40,8 +45,13 @@ def export_command(
         raise BadInputError("export: give --merged OUT, --lora-for-source OUT, or both")
     if merged is not None and lora_for_source is not None and merged.resolve() == lora_for_source.resolve():
         raise BadInputError(f"export: --merged and --lora-for-source are both {merged}; give two folders")
+    if dtype is not None and dtype not in MERGED_DTYPES:
+        raise BadInputError(f"--dtype must be one of {', '.join(MERGED_DTYPES)}, got {dtype!r}")
     if merged is not None:
-        done = export_merged(adapter, bundle, merged, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+        import torch
+
+        done = export_merged(adapter, bundle, merged, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                             dtype=getattr(torch, dtype) if dtype else None)
         typer.echo(f"merged model written to {done}: AutoModelForCausalLM.from_pretrained({str(done)!r})")
     if lora_for_source is not None:
         done = export_lora_for_source(adapter, bundle, lora_for_source, overwrite=overwrite)

@@ -43,6 +43,8 @@ def summary_lines(info: dict) -> list[tuple[str, str]]:
         ("quantization", f"{quant.get('type', '?')} ({quant.get('bits', '?')}-bit)"),
         ("lora", f"rank {lora['rank']}, alpha {lora['alpha']}{rslora}; targets "
                  f"{', '.join(lora['target_modules'] or []) or '?'}"),
+        ("layout", f"quantized base at the root, adapter in {lora['folder']}/ (PeftModel.from_pretrained(base, DIR, "
+                   f"subfolder=\"{lora['folder']}\"))"),
         ("solver", solver["name"] + (f" ({solver['als_steps']} steps)" if solver["als_steps"] is not None else "")),
         ("base", f"{info['base']['rounding']} rounding"
                  + (f", {info['base']['refine']} refinement round{'s' * (info['base']['refine'] != 1)}"

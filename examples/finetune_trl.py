@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
     parser.add_argument("--grad-accum", type=int, default=4, help=(
         "forward passes per optimizer step (default: 4; the total batch is batch-size x grad-accum)"))
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence, longer ones cut (default: 512)")
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="tokens per sequence, longer ones cut (default: 512)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False, help=(
         "recompute activations in the backward pass: less memory, about 20%% slower (default: off)"))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from bundles import make_bundle
 from cli_process import run_cli
-from quailora_convert.bundle.layout import read_config
+from quailora_convert.bundle.layout import INIT_ADAPTER_CONFIG, INIT_ADAPTER_WEIGHTS, read_config
 from quailora_convert.bundle.read import verify_bundle
 from quailora_convert.calibration.batches import sample_token_sequences
 from quailora_convert.calibration.texts import read_texts
@@ -230,23 +230,23 @@ def _truncate(path):
 
 
 DAMAGES = {
-    "no adapter weights": (lambda b: (b / "adapter_model.safetensors").unlink(),
-                           "{b} is not a complete QuAILoRA bundle: missing adapter_model.safetensors"),
-    "no adapter config": (lambda b: (b / "adapter_config.json").unlink(),
-                          "{b} is not a complete QuAILoRA bundle: missing adapter_config.json"),
-    "adapter config not JSON": (lambda b: (b / "adapter_config.json").write_text("{\"r\": 4,"),
-                                "{b}/adapter_config.json is not valid JSON (the adapter config; line 1 col 9: "),
+    "no adapter weights": (lambda b: (b / INIT_ADAPTER_WEIGHTS).unlink(),
+                           "{b} is not a complete QuAILoRA bundle: missing " + INIT_ADAPTER_WEIGHTS),
+    "no adapter config": (lambda b: (b / INIT_ADAPTER_CONFIG).unlink(),
+                          "{b} is not a complete QuAILoRA bundle: missing " + INIT_ADAPTER_CONFIG),
+    "adapter config not JSON": (lambda b: (b / INIT_ADAPTER_CONFIG).write_text("{\"r\": 4,"),
+                                "{b}/" + INIT_ADAPTER_CONFIG + " is not valid JSON (the adapter config; line 1 col 9: "),
     "report not JSON": (lambda b: (b / "quailora_report.json").write_text("{not json"),
                         "{b}/quailora_report.json is not valid JSON (the conversion report; line 1 col 2: "),
     "config not JSON": (lambda b: (b / "config.json").write_text("{"),
                         "config.json at {b}/config.json is not valid JSON (line 1 col 2): "),
-    "truncated adapter": (lambda b: _truncate(b / "adapter_model.safetensors"),
-                          "{b}/adapter_model.safetensors is truncated ("),
+    "truncated adapter": (lambda b: _truncate(b / INIT_ADAPTER_WEIGHTS),
+                          "{b}/" + INIT_ADAPTER_WEIGHTS + " is truncated ("),
     "truncated base shard": (lambda b: _truncate(sorted(b.glob("model-*.safetensors"))[-1]),
                              "{b}/{name} is truncated ("),
-    "adapter not safetensors": (lambda b: (b / "adapter_model.safetensors").write_bytes(
+    "adapter not safetensors": (lambda b: (b / INIT_ADAPTER_WEIGHTS).write_bytes(
                                     (16).to_bytes(8, "little") + b"x" * 40),
-                                "{b}/adapter_model.safetensors is not a safetensors file"),
+                                "{b}/" + INIT_ADAPTER_WEIGHTS + " is not a safetensors file"),
 }
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from cli_process import run_cli
 from quailora_cli.main import app
+from quailora_convert.bundle.layout import INIT_ADAPTER_CONFIG
 from quailora_convert.convert import ConvertSettings
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
@@ -28,7 +29,7 @@ def test_convert_through_console_script(tiny, tmp_path):
                      "--rounding", "gptq", "--refine", "1")
     assert result.returncode == 0, result.stderr
     assert "bundle written to" in result.stdout
-    adapter = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    adapter = json.loads((tmp_path / "b" / INIT_ADAPTER_CONFIG).read_text())
     assert adapter["r"] == 4 and adapter["use_rslora"] is True
     assert adapter["base_model_name_or_path"] == str((tmp_path / "b").resolve())
     report = json.loads((tmp_path / "b" / "quailora_report.json").read_text())

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cli_process import run_cli
 from quailora_cli.main import app
-from quailora_convert.bundle.layout import EVAL
+from quailora_convert.bundle.layout import ADAPTER_CONFIG, EVAL, INIT_ADAPTER_CONFIG
 from quailora_convert.calibration import self_generated
 from quailora_convert.demo import DemoModelError, fetch_smollm2_gguf
 from quailora_convert.errors import BadInputError
@@ -72,6 +72,7 @@ def test_gguf_model_through_the_cli(smollm2_gguf, tmp_path, monkeypatch):
     assert report["summary"]["modules"] == 30 and report["summary"]["relative_error_after"] < 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["quantization_config"]["load_in_4bit"] is True
+    assert (out / INIT_ADAPTER_CONFIG).is_file() and not (out / ADAPTER_CONFIG).exists()  # the adapter in its folder
     assert not [p for p in temporary.iterdir() if p.name.startswith("quailora-gguf-")]  # removed when convert ended
 
 

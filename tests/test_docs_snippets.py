@@ -36,7 +36,7 @@ from bundles import make_bundle
 from fake_hub import TOKEN, FakeHub
 from paths import REPO
 from quailora_convert.bundle.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, EVAL, INIT_ADAPTER_DIR
-from tiny_models import VOCAB, write_text_calibration
+from tiny_models import write_text_calibration
 
 README = REPO / "README.md"
 CARD_TEMPLATE = REPO / "model_cards" / "quailora_bundle.md"

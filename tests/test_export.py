@@ -127,6 +127,20 @@ def logits(model, ids) -> torch.Tensor:
         return model(ids).logits
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_difference_factors_keep_the_scaled_difference(use_rslora):
+    from quailora_convert.core.lora import alpha_for_doubled_rank, difference_factors, lora_scaling
+
+    g = torch.Generator().manual_seed(0)
+    A, B, A0, B0 = (torch.randn(shape, generator=g) for shape in [(8, 96), (64, 8), (8, 96), (64, 8)])
+    lora_A, lora_B = difference_factors(A, B, A0, B0)
+    assert lora_A.shape == (16, 96) and lora_B.shape == (64, 16)
+    scaling = lora_scaling(16.0, 8, use_rslora)
+    doubled = lora_scaling(alpha_for_doubled_rank(16.0, use_rslora), 16, use_rslora)
+    assert doubled == pytest.approx(scaling, rel=1e-12)
+    torch.testing.assert_close(doubled * lora_B @ lora_A, scaling * (B @ A - B0 @ A0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """(source, bundle, adapter fine-tuned 20 AdamW steps at lr 1e-2, the same at lr 2e-4)."""
@@ -211,17 +225,18 @@ def test_lora_for_source_is_what_peft_writes_for_a_converted_init(tuned, tmp_pat
     assert our_factors.keys() == peft_factors.keys()
     for path, (A, B) in our_factors.items():
         assert torch.equal(A, peft_factors[path][0]) and torch.equal(B, peft_factors[path][1])
-    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules"):
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"):
         assert our_config[key] == peft_config[key], key
+    assert sorted(our_config["target_modules"]) == sorted(peft_config["target_modules"])
 
 
-@pytest.mark.parametrize("use_rslora", [True])
-def test_rslora_and_rank_pattern_keep_every_modules_scaling(tmp_path, ids, use_rslora):
-    """rank 100 > the k/v width 64: rank_pattern and alpha_pattern, doubled under rsLoRA (PEFT refuses this case)."""
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_pattern_with_and_without_rslora_keeps_every_modules_scaling(tmp_path, ids, use_rslora):
+    """rank 100 > the k/v width 64: rank_pattern and alpha_pattern, doubled (PEFT refuses them under rsLoRA)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    source, bundle = make_float32_bundle(tmp_path, rank=100, use_rslora=True)
+    source, bundle = make_float32_bundle(tmp_path, rank=100, use_rslora=use_rslora)
     assert json.loads((bundle / INIT_ADAPTER_DIR / ADAPTER_CONFIG).read_text())["rank_pattern"] == {"k_proj": 64,
                                                                                                    "v_proj": 64}
     adapter = fine_tune(bundle, tmp_path / "tuned", lr=1e-2, steps=5)
@@ -236,7 +251,9 @@ def test_rslora_and_rank_pattern_keep_every_modules_scaling(tmp_path, ids, use_r
     merged = export_merged(adapter, bundle, tmp_path / "merged")
     got_merged = logits(AutoModelForCausalLM.from_pretrained(merged).eval(), ids)
     want_merged = logits(merged_reference(source, bundle, adapter), ids)
-    print(f"rsLoRA rank 100: lora-for-source {(got - want).abs().max():.2e}, merged "
+    scaling = 16.0 / (100 ** 0.5 if use_rslora else 100)  # every module's, k/v included
+    assert k_proj.scaling["default"] == pytest.approx(scaling)
+    print(f"rank 100, rsLoRA {use_rslora}: lora-for-source {(got - want).abs().max():.2e}, merged "
           f"{(got_merged - want_merged).abs().max():.2e} max |logit diff| vs float32 reference")
     assert torch.allclose(got, want, atol=ATOL, rtol=0)
     assert torch.allclose(got_merged, want_merged, atol=ATOL, rtol=0)
@@ -261,6 +278,9 @@ def test_a_bfloat16_bundle_merges_in_bfloat16_and_copies_the_rest_as_stored(tmp_
             assert torch.equal(tensor, want.to(torch.bfloat16)), name
         else:
             assert tensor.dtype == stored[name].dtype and torch.equal(tensor, stored[name]), name
+    exact = export_merged(bundle / INIT_ADAPTER_DIR, bundle, tmp_path / "merged32", dtype=torch.float32)
+    assert json.loads((exact / CONFIG).read_text())["dtype"] == "float32"
+    assert bundle_tensors(exact)["model.layers.0.mlp.down_proj.weight"].dtype == torch.float32
 
 
 def _gpt2_source(root: Path) -> Path:

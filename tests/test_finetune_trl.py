@@ -81,7 +81,7 @@ def converted(tmp_path_factory):
     return source, bundle, data, root
 
 
-def fine_tune(converted, out_name: str, *flags: str, monkeypatch=None):
+def fine_tune(converted, monkeypatch, out_name: str, *flags: str):
     """(trainer, AtTheStart, inject_adapter calls, train-mode flags of every 4-bit forward) of one example run."""
     _, bundle, data, root = converted
     injections, modes = [], []
@@ -104,13 +104,19 @@ def fine_tune(converted, out_name: str, *flags: str, monkeypatch=None):
 
 
 @pytest.fixture(scope="module")
-def plain_run(converted):
-    _, bundle, _, _ = converted
-    before = digests(bundle)
+def bundle_digests(converted) -> dict[str, str]:
+    """sha256 of every file of the bundle before any training."""
+    return digests(converted[1])
+
+
+@pytest.fixture(scope="module")
+def plain_run(converted, bundle_digests):
     with pytest.MonkeyPatch.context() as monkeypatch:
-        run = fine_tune(converted, "plain", monkeypatch=monkeypatch)
-    assert digests(bundle) == before  # the base bytes (and the init adapter) are not touched
-    return run
+        return fine_tune(converted, monkeypatch, "plain")
+
+
+def test_training_leaves_the_bundle_files_as_they_were(plain_run, converted, bundle_digests):
+    assert digests(converted[1]) == bundle_digests  # the base's shards, config and the init adapter
 
 
 def test_one_adapter_is_attached_and_trained(plain_run, converted):
@@ -171,8 +177,7 @@ def test_the_loss_falls(plain_run):
 def test_gradient_checkpointing_trains_the_same(plain_run, converted):
     plain, _, _, plain_modes = plain_run
     with pytest.MonkeyPatch.context() as monkeypatch:
-        trainer, _, injections, modes = fine_tune(converted, "checkpointed", "--gradient-checkpointing",
-                                                  monkeypatch=monkeypatch)
+        trainer, _, injections, modes = fine_tune(converted, monkeypatch, "checkpointed", "--gradient-checkpointing")
     assert trainer.model.get_base_model().is_activation_checkpointing
     assert not plain.model.get_base_model().is_activation_checkpointing
     assert injections == ["LoraModel"] and all(modes)
@@ -217,3 +222,21 @@ def test_an_old_layout_bundle_and_a_used_out_are_refused_before_loading(plain_ru
     with pytest.raises(SystemExit, match="exists: give another --out"):
         EXAMPLE.main([str(bundle), "--data", str(data), "--out", str(used), "--device", "cpu"])
     assert digests(used) == before
+
+
+def test_the_printed_next_step_exports_the_trained_adapter(plain_run, converted, tmp_path):
+    """`quailora-convert export ADAPTER --bundle B --merged OUT` takes what the example saved."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from quailora_convert.export import export_merged
+
+    _, bundle, _, root = converted
+    adapter = root / "plain" / EXAMPLE.ADAPTER_DIR
+    assert f"quailora-convert export {adapter} --bundle {bundle} --merged" in EXAMPLE.next_steps(str(bundle), adapter)
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(adapter, bundle, tmp_path / "merged"))
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32), adapter)
+    use_float32_compute(tuned)  # the trained 4-bit model as float32 arithmetic
+    got, want = fresh_logits(merged.float()), fresh_logits(tuned)
+    print(f"merged (bf16 weights) vs the trained 4-bit model: max |logit diff| {(got - want).abs().max():.2e}")
+    assert torch.allclose(got, want, atol=2e-2, rtol=0), (got - want).abs().max()  # measured 5.7e-3

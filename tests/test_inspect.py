@@ -27,6 +27,7 @@ def test_inspect_json_describes_the_bundle(bundle):
     assert info["error"]["modules"] == 14
     assert info["error"]["reduction"] == pytest.approx(1 - report["summary"]["relative_error_after"])
     assert info["complete"] is True and info["eval"] is None and info["card"] is True
+    assert info["lora"]["folder"] == "quailora_init" and info["lora"]["base_model_name_or_path"] == str(bundle)
     assert info["versions"]["peft"] == report["versions"]["peft"]
 
 
@@ -35,6 +36,7 @@ def test_inspect_text_through_the_console_script(bundle, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "nf4 (4-bit)" in result.stdout and "rank 4, alpha 16.0" in result.stdout and "als (2 steps)" in result.stdout
     assert "14 modules" in result.stdout and "eval:" in result.stdout and "none" in result.stdout
+    assert "quantized base at the root, adapter in quailora_init/" in result.stdout
 
     (bundle / "quailora_eval.json").write_text(json.dumps({"rows": [{"model": "bundle", "perplexity": 9.5}],
                                                           "gap_closed": 0.5, "data": "x"}))
@@ -49,3 +51,18 @@ def test_inspect_refuses_a_folder_that_is_not_a_bundle(tmp_path):
     result = run_cli("inspect", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path} is not a QuAILoRA bundle: quailora_report.json is missing"]
+
+
+def test_inspect_refuses_a_bundle_of_the_old_layout_in_one_line(bundle, tmp_path):
+    """The adapter at the root (before quailora_init/): transformers would attach it on every load."""
+    import shutil
+
+    old = shutil.copytree(bundle, tmp_path / "old")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (old / "quailora_init" / name).rename(old / name)
+    (old / "quailora_init").rmdir()
+    result = run_cli("inspect", old)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {old} has its adapter at the root (adapter_config.json), the layout of quailora-convert before "
+        "quailora_init/: convert the model again with this version"]

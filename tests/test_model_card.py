@@ -6,6 +6,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from bundles import make_bundle
+from quailora_convert.bundle.layout import INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR
 from quailora_convert.errors import BadInputError
 from quailora_convert.model_card import build_model_card, card_problems, render_model_card, template_text
 
@@ -70,8 +71,8 @@ def test_the_weight_space_baseline_is_opt_in_and_leaves_the_bundle_bytes_alone(c
 def test_rerender_with_eval_and_hub_source(converted, tmp_path):
     _, bundle = converted
     copy = tmp_path / "bundle"
-    copy.mkdir()
-    for name in ("quailora_report.json", "adapter_config.json"):
+    (copy / INIT_ADAPTER_DIR).mkdir(parents=True)
+    for name in ("quailora_report.json", INIT_ADAPTER_CONFIG):
         (copy / name).write_text((bundle / name).read_text())
     (copy / "quailora_eval.json").write_text(json.dumps({
         "rows": [{"model": "source (bf16)", "perplexity": 10.0}, {"model": "plain QLoRA", "perplexity": 12.5},
@@ -83,6 +84,7 @@ def test_rerender_with_eval_and_hub_source(converted, tmp_path):
     assert "| plain QLoRA | 12.500 |" in text and "| this bundle | 10.750 |" in text and "**70.0%**" in text
     assert "On held-out text" in text and "No evaluation" not in text
     assert 'from_pretrained("alice/tiny", dtype=torch.float32)' in text
+    assert f'"alice/tiny", subfolder="{INIT_ADAPTER_DIR}"' in text  # the adapter from its folder
     assert card.data.license == "apache-2.0"  # the report names the local source folder, whose README.md is read
 
     (copy / "quailora_eval.json").write_text(json.dumps({"rows": [{"model": "x"}]}))

