@@ -199,7 +199,7 @@ def _bundle(cli: Checkout, inputs: dict, work: Path) -> Path:
 
 def case_eval_no_adapter(cli: Checkout, inputs: dict, work: Path) -> str:
     bundle = _bundle(cli, inputs, work)
-    (bundle / "adapter_model.safetensors").unlink()
+    next(bundle.rglob("adapter_model.safetensors")).unlink()  # quailora_init/ (or the root, in a checkout before it)
     code, line, seconds = cli.run("eval", bundle, "--data", inputs["calib"], "--num-samples", 4, "--seq-len", 32)
     return f"{code} · `{line}` · {seconds:.0f} s"
 

@@ -128,17 +128,18 @@ def tokenized(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
 
 
 def heldout_perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int) -> float:
-    """Token-level perplexity in train mode under no_grad (see the module docstring)."""
+    """Token-level perplexity in train mode under no_grad (see the module docstring); batched longest first, so
+    each batch pads to a length its rows share (the sum over tokens does not depend on the order)."""
     import torch
 
-    from quailora_convert.calibration.batches import make_batches
+    from quailora_convert.calibration.batches import longest_first, make_batches
 
     was_training = model.training
     model.train()
     device = next(p for p in model.parameters()).device
     nll, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in make_batches(sequences, batch_size, pad_id):
+        for batch in make_batches(longest_first(sequences), batch_size, pad_id):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -312,8 +313,8 @@ def train_one(spec: RunSpec, seed: int, study: Study) -> dict:
         clock.lap("train")  # the steps since the last lap (nothing before step 0)
         point = measure(model, study, step, init)
         clock.lap("eval")
-        print(f"{spec.label} seed {seed}: step {step} " + " ".join(f"{k} ppl {point[k]:.4f}" for k in study.eval_ids),
-              flush=True)
+        print(f"{spec.label} seed {seed}: step {step} " + " ".join(f"{k} ppl {point[k]:.4f}" for k in study.eval_ids)
+              + f" ({clock.seconds()['cpu']:.0f} CPU s)", flush=True)
         return point
 
     curve = [timed_measure(0)]

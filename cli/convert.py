@@ -43,6 +43,10 @@ def convert(
     rounding: Annotated[str, typer.Option("--rounding", help=(
         "Base codes: nearest (bitsandbytes' own), or gptq (bnb's scales, codes chosen with error feedback "
         "through the calibration H; the file stays plain bitsandbytes)."))] = DEFAULT["rounding"],
+    scales: Annotated[str, typer.Option("--scales", help=(
+        "NF4 block scales: absmax (bitsandbytes' own), or calibrated (each block of 64 may clip its outliers: "
+        "the scale is searched under the calibration H, never a larger base error; the file stays plain "
+        "bitsandbytes). --bits 4 only."))] = DEFAULT["scales"],
     refine: Annotated[int, typer.Option("--refine", help=(
         "Rounds of re-rounding W - M and re-solving M; the best iterate is kept."))] = DEFAULT["refine"],
     gptq_damp: Annotated[float, typer.Option("--gptq-damp", help=(

@@ -286,6 +286,24 @@ def test_auto_peft_from_the_hub(converted, from_the_hub, want):
     assert_computes(model, want)
 
 
+def test_offline_after_a_download_needs_the_adapter_folder_s_path(converted, from_the_hub, monkeypatch, want):
+    """peft 0.21.2 offline (HF_HUB_OFFLINE=1) looks for quailora_init/quailora_init/adapter_model.safetensors in the
+    cache (load_peft_weights joins the subfolder twice); the downloaded adapter folder loads. If the first
+    half fails, PEFT fixed it: the README's offline note can go."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    load_for_training(REPO, **from_the_hub)  # online: into the cache
+    adapter = Path(snapshot_download(REPO, allow_patterns=f"{INIT_ADAPTER_DIR}/*", **from_the_hub)) / INIT_ADAPTER_DIR
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LocalEntryNotFoundError):
+        load_for_training(REPO, **from_the_hub)
+    base = prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(REPO, **from_the_hub))
+    model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    assert_one_trainable_adapter(model)
+    assert_computes(model, want)
+
+
 def test_the_version_noise_is_what_it_says(converted):
     """PEFT_ON_TRANSFORMERS_5 is all the recipe prints: when peft or transformers change, drop it."""
     _, bundle = converted

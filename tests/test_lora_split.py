@@ -91,3 +91,18 @@ def test_every_split_bundle_computes_the_same_q_plus_m(tmp_path):
                 assert not torch.allclose(adapter[key], default_adapter[key]), (split, key)
     for split, (_, bundle) in bundles.items():  # the report names the split (its settings are ConvertSettings')
         assert json.loads((bundle / REPORT).read_text())["settings"]["lora_split"] == split
+
+
+def test_cli_passes_the_split_and_refuses_an_unknown_one(tmp_path):
+    from cli_process import run_cli
+    from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
+
+    source = save_tiny(tiny_llama_config(), tmp_path / "source")
+    calib = write_text_calibration(tmp_path / "calib.jsonl")
+    common = ("--calib", calib, "--rank", "4", "--num-samples", "8", "--seq-len", "32")
+    result = run_cli(source, *common, "--out", tmp_path / "b", "--lora-split", "u")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "b" / REPORT).read_text())["settings"]["lora_split"] == "u"
+    refused = run_cli(source, *common, "--out", tmp_path / "c", "--lora-split", "even")
+    assert refused.returncode != 0 and "--lora-split 'even': choose one of balanced, a-kaiming, u" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "c").exists()

@@ -3,7 +3,6 @@ things a user reads: which option a message names, which line of a file, plurals
 import ast
 import json
 import logging
-import math
 import re
 from pathlib import Path
 

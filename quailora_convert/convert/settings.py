@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bundle.layout import DEFAULT_MAX_SHARD_BYTES
-from ..core.options import DEFAULT_DAMP, DEFAULT_GPTQ_DAMP, LORA_SPLITS, ROUNDINGS, SOLVERS
+from ..core.options import DEFAULT_DAMP, DEFAULT_GPTQ_DAMP, LORA_SPLITS, ROUNDINGS, SCALES, SOLVERS
 from ..errors import BadInputError
 
 # Seconds between resume points (each writes the next layer's inputs: 48 MB on SmolLM2, 8.6 GB for a 70B model at
@@ -47,6 +47,9 @@ class ConvertSettings:
     rounding: str = "nearest"
     refine: int = 0  # rounds of re-rounding W - M and re-solving M (the best iterate is kept)
     gptq_damp: float = DEFAULT_GPTQ_DAMP
+    # NF4 block scales: absmax (bitsandbytes' own) or calibrated (each block's scale searched under H, core.scales;
+    # never a larger base error than absmax; --rounding gptq and --refine then run on the chosen scales)
+    scales: str = "absmax"
     # the report's (and card's) weight-space baseline per module: the calibrated error with the rank-r SVD of E
     # (LoftQ-like). Off by default: a comparison, not an output, that costs an SVD per module (5% of SmolLM2's
     # conversion on CPU)
@@ -77,6 +80,10 @@ class ConvertSettings:
             raise BadInputError(f"--lora-split {self.lora_split!r}: choose one of {', '.join(LORA_SPLITS)}")
         if self.rounding not in ROUNDINGS:
             raise BadInputError(f"--rounding {self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+        if self.scales not in SCALES:
+            raise BadInputError(f"--scales {self.scales!r}: choose one of {', '.join(SCALES)}")
+        if self.scales != "absmax" and self.bits != 4:
+            raise BadInputError(f"--scales {self.scales} chooses NF4 block scales: it needs --bits 4")
         if self.calib_dtype not in CALIB_DTYPES:
             raise BadInputError(f"--calib-dtype {self.calib_dtype!r}: choose one of {', '.join(CALIB_DTYPES)}")
         if self.hessian_dtype not in HESSIAN_DTYPES:

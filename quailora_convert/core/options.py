@@ -7,3 +7,6 @@ DEFAULT_GPTQ_DAMP = 0.01  # added to H's diagonal before GPTQ's inverse, relativ
 # How the adapter's correction M is split into PEFT's two factors, M unchanged (core.lora.to_peft): balanced
 # (U sqrt(S), sqrt(S) V^T), a-kaiming (A = V^T with PEFT's Kaiming-uniform row norm, B the rest), u (B = U S, A = V^T)
 LORA_SPLITS = ("balanced", "a-kaiming", "u")
+# NF4 block scales: bitsandbytes' absmax, or chosen per block under H (core.scales) among these fractions of it
+SCALES = ("absmax", "calibrated")
+SHRINK_FACTORS = tuple(round(1.0 - 0.025 * i, 3) for i in range(13))  # 1.0, 0.975, ..., 0.7

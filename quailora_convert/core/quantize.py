@@ -77,6 +77,17 @@ class NF4Quantizer:
     def with_codes(self, quantized: QuantizedWeight, codes: Tensor) -> QuantizedWeight:
         return self._stored(pack_nibbles(codes).to(quantized.dequantized.device), quantized.state)
 
+    def state_for_absmax(self, W: Tensor, absmax: Tensor):
+        """bnb's QuantState for W (out, in) with other block scales absmax (blocks,) float32, double-quantized
+        exactly as quantize_4bit does (offset = mean, 8-bit dynamic codes per 256 blocks); no codes."""
+        import bitsandbytes.functional as bnbF
+
+        offset = absmax.mean()
+        nested, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=256)
+        return bnbF.QuantState(absmax=nested, shape=W.shape, dtype=W.dtype, blocksize=NF4_BLOCKSIZE,
+                               code=bnbF.get_4bit_type("nf4", device=W.device), quant_type="nf4", offset=offset,
+                               state2=state2)
+
     def _stored(self, packed: Tensor, state) -> QuantizedWeight:
         import bitsandbytes.functional as bnbF
 
