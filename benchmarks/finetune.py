@@ -682,23 +682,39 @@ def write_report(out: Path, plain_label: str | None = None, int8_label: str | No
 
 # ---- the command line
 
-def labelled(values: list[str], kind: str) -> list[RunSpec]:
-    specs = []
-    for value in values:
+class InOrder(argparse.Action):
+    """--bundle, --plain and --int8 into one list of (kind, value), in the order given: the order runs are done in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.inits = [*(getattr(namespace, "inits", None) or []), (self.dest, value)]
+
+
+def run_specs(inits: list[tuple[str, str]]) -> list[RunSpec]:
+    """The runs the --bundle/--plain/--int8 options name; int8 takes its LoraConfig from the first bundle given."""
+    specs, int8_labels = [], []
+    for kind, value in inits:
+        if kind == "int8":
+            int8_labels.append(value)
+            specs.append(None)
+            continue
         label, sep, path = value.partition("=")
         if not sep or not Path(path).is_dir():
             raise SystemExit(f"expected LABEL=BUNDLE_FOLDER, got {value!r}")
         specs.append(RunSpec(label, kind, Path(path).resolve()))
-    return specs
+    first = next((s.bundle for s in specs if s is not None), None)
+    if first is None:
+        raise SystemExit("give at least one --bundle or --plain")
+    labels = iter(int8_labels)
+    return [s if s is not None else RunSpec(next(labels), "int8", first) for s in specs]
 
 
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the full-precision model (for --int8)")
-    p.add_argument("--bundle", action="append", default=[], help="LABEL=PATH: fine-tune from the bundle's init")
-    p.add_argument("--plain", action="append", default=[], help="LABEL=PATH: the bundle's base, PEFT's default init")
-    p.add_argument("--int8", nargs="?", const="int8", default=None, metavar="LABEL",
-                   help="also int8 QLoRA from --source (label: int8)")
+    p.add_argument("--bundle", action=InOrder, help="LABEL=PATH: fine-tune from the bundle's init")
+    p.add_argument("--plain", action=InOrder, help="LABEL=PATH: the bundle's base, PEFT's default init")
+    p.add_argument("--int8", action=InOrder, nargs="?", const="int8", metavar="LABEL",
+                   help="int8 QLoRA from --source (label: int8), with the first bundle's LoraConfig")
     p.add_argument("--only", action="append", default=[], metavar="LABEL", help="run only these labels")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1")
@@ -739,11 +755,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if TOTAL_BATCH % args.micro_batch:
         p.error(f"--micro-batch must divide {TOTAL_BATCH}")
-    specs = labelled(args.bundle, "bundle") + labelled(args.plain, "plain")
-    if not specs:
-        p.error("give at least one --bundle or --plain")
-    if args.int8:
-        specs.append(RunSpec(args.int8, "int8", specs[0].bundle))  # its LoraConfig: the first bundle's
+    specs = run_specs(getattr(args, "inits", None) or [])  # in the order given
     bad = [s.label for s in specs if not LABEL_PATTERN.match(s.label)]
     if bad or len({s.label for s in specs}) < len(specs):
         p.error(f"labels must be distinct folder names (letters, digits, . _ -): {bad or [s.label for s in specs]}")

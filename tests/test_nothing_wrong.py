@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from bundles import make_bundle
 from cli_process import run_cli
-from quailora_convert.convert.compute_dtype import choose_compute_dtype
+from quailora_convert.convert.compute_dtype import BundleValues, choose_compute_dtype
+from quailora_convert.errors import BadInputError
 from quailora_convert.core.value_range import Largest, holding_dtype, holds
 from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
 
@@ -35,16 +36,26 @@ def test_holding_dtype_and_choice_name_the_tensor(caplog):
     big = Largest("model.layers.0.mlp.down_proj.weight", 1e6)
     assert holding_dtype([torch.float16, torch.bfloat16], big) == torch.bfloat16
     assert holding_dtype([torch.float16], None) == torch.float16
-    small = [Largest("model.norm.weight", 3.0), Largest("the calibration inputs of q_proj", 6e4)]
+    small = [Largest("model.norm.weight", 3.0), Largest("the calibration inputs of q_proj", 6e4, activation=True)]
     with caplog.at_level(logging.WARNING):
-        kept = choose_compute_dtype(torch.float16, {torch.float32}, small)
+        kept = choose_compute_dtype(torch.float16, {torch.float32}, BundleValues(small, {torch.float16}))
     assert kept.dtype == torch.float16 and not kept.changed and not caplog.records
     with caplog.at_level(logging.WARNING):
-        chosen = choose_compute_dtype(torch.float16, {torch.float32}, small + [big])
+        chosen = choose_compute_dtype(torch.float16, {torch.float32}, BundleValues(small + [big], {torch.float32}))
     assert chosen.dtype == torch.float32 and chosen.changed and chosen.largest == big
     assert len(caplog.records) == 1 and big.what in caplog.text and "float16" in caplog.text
-    assert choose_compute_dtype(torch.float16, {torch.float16}, [big]).dtype == torch.bfloat16  # same size, wider
-    assert choose_compute_dtype(torch.bfloat16, {torch.bfloat16}, [big]).dtype == torch.bfloat16  # holds it
+    assert choose_compute_dtype(torch.float16, {torch.float16}, BundleValues([big])).dtype == torch.bfloat16
+    assert choose_compute_dtype(torch.bfloat16, {torch.bfloat16}, BundleValues([big])).dtype == torch.bfloat16
+
+
+def test_activations_the_kept_tensors_cannot_hold_are_refused():
+    """No compute dtype helps when the residual stream (the kept tensors' dtype) overflows."""
+    hot = Largest("the calibration inputs of model.layers.0.self_attn.q_proj", 2.4e5, activation=True)
+    with pytest.raises(BadInputError, match=r"^the calibration inputs of model\.layers\.0\.self_attn\.q_proj reach "
+                                            r"2\.4e\+05, past the largest float16 value"):
+        choose_compute_dtype(torch.float16, {torch.float16}, BundleValues([hot], {torch.float16, torch.float32}))
+    assert choose_compute_dtype(torch.float16, {torch.float16}, BundleValues([hot], {torch.bfloat16})).dtype == \
+        torch.bfloat16
 
 
 # -- a float16 config over values float16 cannot hold: the bundle still works ------------------------------
@@ -82,9 +93,8 @@ CASES = {  # name -> (stored dtype, edit, the tensor the warning names, the dtyp
                       "model.layers.0.mlp.down_proj.weight", "float32"),
     "embedding": (torch.float32, _set("model.embed_tokens.weight", (10, 0), 1e6), "model.embed_tokens.weight",
                   "float32"),
-    # float16 weights, all in range; the norm scales layer 0's attention inputs past float16's range
-    "activation": (torch.float16, _set("model.layers.0.input_layernorm.weight", slice(None), 6e4),
-                   "the calibration inputs of model.layers.0.self_attn.q_proj", "bfloat16"),
+    "bfloat16_weights": (torch.bfloat16, _set("model.layers.1.self_attn.o_proj.weight", (3, 5), 1e6),
+                         "model.layers.1.self_attn.o_proj.weight", "bfloat16"),
 }
 
 
@@ -103,6 +113,21 @@ def test_half_config_over_values_it_cannot_hold_gives_a_working_bundle(tmp_path,
     for dtype in (torch.float32, "auto"):  # the README's float32 and the config's own dtype
         logits = _logits_of_bundle(out, dtype)
         assert bool(torch.isfinite(logits).all()), (dtype, logits.abs().max())
+
+
+def test_activations_past_the_stored_dtype_are_refused_with_nothing_written(tmp_path):
+    """float16 weights, all in range; a norm scales layer 0's attention inputs past float16's range: the
+    source itself overflows in float16, and so would any bundle keeping its norms and embeddings in it."""
+    source = _half_config_source(tmp_path, torch.float16,
+                                 _set("model.layers.0.input_layernorm.weight", slice(None), 6e4))
+    calib = write_text_calibration(tmp_path / "calib.jsonl")
+    result = run_cli(source, "--calib", calib, "--out", tmp_path / "bundle", "--rank", 8, "--num-samples", 8,
+                     "--seq-len", 32)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the calibration inputs of model.layers.0.self_attn.q_proj reach" in errors[0]
+    assert "past the largest float16 value" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_a_float16_config_that_holds_its_values_is_kept(tmp_path):

@@ -18,6 +18,7 @@ from ..core.joint import Compensated, quantize_and_solve
 from ..core.lora import adapter_key, lora_scaling, to_peft
 from ..core.quantize import Quantizer
 from ..core.rounding import GptqFactor, gptq_factor
+from ..core.scales import CalibratedScalesQuantizer
 from ..core.solvers import HessianFactor, factor_hessian, solve, solve_factored
 from ..errors import BadInputError
 from ..sources.checkpoint import CheckpointReader, KeyMap, materialize, release
@@ -243,4 +244,10 @@ def compensate(s: ConvertSettings, quantizer: Quantizer, W: Tensor, stored_dtype
 
     with timer.phase("quantize"):
         gptq = group.gptq() if s.rounding == "gptq" else None
-        return quantize_and_solve(W, stored_dtype, H, quantizer, solve_error, s.rounding, s.refine, s.gptq_damp, gptq)
+        scaled = CalibratedScalesQuantizer(quantizer, H) if s.scales == "calibrated" else None
+        result = quantize_and_solve(W, stored_dtype, H, scaled or quantizer, solve_error, s.rounding, s.refine,
+                                    s.gptq_damp, gptq)
+    if scaled is not None:  # the report's round-to-nearest stays bitsandbytes' own, on its absmax
+        result.error_nearest = scaled.choice.error_absmax
+        result.calibrated_scale_rows = scaled.choice.rows_calibrated
+    return result

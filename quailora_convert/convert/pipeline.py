@@ -29,7 +29,6 @@ from ..calibration.batches import (CalibrationBatch, longest_first, make_batches
 from ..calibration.texts import read_texts
 from ..core.lora import adapter_key, peft_target_modules, rank_patterns
 from ..core.quantize import Quantizer, quantizer_for
-from ..core.value_range import Largest
 from ..errors import BadInputError
 from ..events import Calibrated, ConversionDone, LayerConverted, Listener, SourceResolved, Status, TextGenerated, ignore
 from ..model_card import render_model_card
@@ -39,7 +38,7 @@ from ..stopping import critical
 from .allocator import heap_for_forward
 from .architectures import find_decoder_layers, layer_targets, linear_modules, weight_matrix
 from .capture import activation_bytes, activations_on_device, calibration_dtype, capture_layer_calls, free_device_bytes
-from .compute_dtype import choose_compute_dtype, kept_values, module_values
+from .compute_dtype import BundleValues, bundle_values, choose_compute_dtype
 from .host_memory import pinned_scope
 from .layer import LayerConverter
 from .phases import PhaseTimer
@@ -292,8 +291,9 @@ class _OpenedModel:
 def _finish(s: ConvertSettings, source: ModelSource, quantizer: Quantizer, writer: BundleWriter, opened: _OpenedModel,
             batches: list[CalibrationBatch], state: dict, stored_dtypes: set[torch.dtype], started: float) -> dict:
     """Configs, tokenizer, report and card beside the weights; shards closed and named."""
-    values = module_values(state["reports"]) + kept_values(opened.reader, opened.key_map,
-                                                           {f"{path}.weight" for path in opened.shapes})
+    quantized = {f"{n}.weight" for n in linear_modules(opened.model) if n.startswith(opened.layers_path + ".")}
+    values = bundle_values(state["reports"], opened.reader, opened.key_map, quantized,
+                           {f"{path}.weight" for path in opened.shapes})
     _write_configs(writer, s, source, quantizer, stored_dtypes, opened.model, opened.layers_path, opened.targets,
                    opened.shapes, values)
     dropped = sorted(set(opened.reader.keys()) - set(opened.key_map.to_model))
@@ -343,12 +343,12 @@ def _copy_outside_layers(writer: BundleWriter, reader: CheckpointReader, key_map
 def _write_configs(writer: BundleWriter, s: ConvertSettings, source: ModelSource, quantizer: Quantizer,
                    stored_dtypes: set[torch.dtype], model: nn.Module, layers_path: str,
                    targets: list[dict[str, nn.Module]], shapes: dict[str, tuple[int, int]],
-                   values: list[Largest] = ()) -> None:
+                   values: BundleValues | None = None) -> None:
     """config.json with quantization_config, quailora_init/adapter_config.json, and the source's tokenizer files.
     values: the largest values the bundle computes with, which its compute dtype must hold (compute_dtype)."""
     source_config = read_config(source.folder)  # the original text, untouched but for quantization_config
     declared = config_dtype(source_config) or (next(iter(stored_dtypes)) if len(stored_dtypes) == 1 else torch.float32)
-    compute = choose_compute_dtype(declared, stored_dtypes, values)  # declared, or wider with a warning
+    compute = choose_compute_dtype(declared, stored_dtypes, values or BundleValues())  # or wider, with a warning
     linears = list(linear_modules(model))
     decoder_linears = {n for n in linears if n.startswith(layers_path + ".")}
     skip = [n for n in linears if n not in decoder_linears]  # left in full precision

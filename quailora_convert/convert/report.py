@@ -33,6 +33,7 @@ class ModuleReport:
     error_nearest: float  # of bitsandbytes' round-to-nearest base, without adapter (= error_before for it)
     refine_errors: list[float]  # with adapter: the first solve, then each --refine round
     kept_round: int  # the round stored (the lowest error)
+    calibrated_scale_rows: int = 0  # rows stored on block scales searched under H (--scales calibrated); 0: absmax
     # The largest |value| the loaded module computes with, which its compute dtype must hold (convert.compute_dtype):
     weight_max_abs: float = 0.0  # of the stored base dequantized (= its largest absmax scale)
     input_max_abs: float = 0.0  # of its calibration inputs
@@ -55,6 +56,7 @@ def module_report(module: str, input_group: str, result: Compensated, H: Tensor,
         error_nearest=result.error_nearest,
         refine_errors=result.objective_rounds,
         kept_round=result.kept_round,
+        calibrated_scale_rows=result.calibrated_scale_rows,
         weight_max_abs=largest_abs(result.quantized.dequantized),
         input_max_abs=input_max_abs,
         output_max_abs=output_max_abs,

@@ -33,6 +33,7 @@ class Compensated:
     error_rounded: float  # calibrated error of the kept base, without adapter
     objective_rounds: list[float] = field(default_factory=list)  # with adapter: first solve, then each refinement
     kept_round: int = 0  # index into objective_rounds of the iterate stored
+    calibrated_scale_rows: int = 0  # rows on block scales searched under H (core.scales); 0: bitsandbytes' absmax
 
 
 def quantize_and_solve(W: Tensor, stored_dtype: torch.dtype, H: Tensor, quantizer: Quantizer,

@@ -17,8 +17,9 @@ from torch import Tensor
 class Largest:
     """The largest |value| of one tensor, named as a message should name it."""
 
-    what: str  # "model.layers.0.mlp.down_proj.weight", "the input of model.layers.0.mlp.down_proj"
+    what: str  # "model.layers.0.mlp.down_proj.weight", "the calibration inputs of model.layers.0.mlp.down_proj"
     value: float
+    activation: bool = False  # a value the model computes (not a weight it stores)
 
 
 def largest_abs(tensor: Tensor) -> float:
