@@ -405,6 +405,125 @@ def case_disk_full(cli, inputs, work):
         subprocess.run(["umount", str(disk)])
 
 
+# -- issue 22, items 2, 3 and 9 (helper safety-eval): a bundle that cannot work, eval's source, small messages ---
+def _run_at(cli: Checkout, cwd: Path, *args) -> subprocess.CompletedProcess:
+    """The command run from cwd, as a user in that folder types it (relative paths resolve there)."""
+    return subprocess.run(cli.command(*args), capture_output=True, text=True, env=cli.env(), cwd=cwd, timeout=600)
+
+
+def _half_config_source(folder: Path, stored: str, key: str, index, value: float) -> Path:
+    """A tiny Llama stored in `stored` whose config.json says float16, with weights[key][index] = value."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import save_tiny, tiny_llama_config
+
+    save_tiny(tiny_llama_config(), folder, dtype=getattr(torch, stored), shard_size="10MB")
+    weights = load_file(folder / "model.safetensors")
+    weights[key][index] = value
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float16"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _logits_finite(bundle: Path) -> str:
+    """Whether the bundle, loaded by plain transformers (float32, train mode as it fine-tunes), gives finite logits."""
+    done = subprocess.run([sys.executable, "-c", (
+        "import torch; from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(bundle)!r}, dtype=torch.float32); m.train()\n"
+        "with torch.no_grad(): logits = m(input_ids=torch.tensor([[2, 10, 50, 300]])).logits\n"
+        "print(bool(torch.isfinite(logits).all()))")],
+        capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    return {"True": "logits finite", "False": "logits inf/NaN"}.get(done.stdout.strip(), "does not load")
+
+
+def case_half_config_1e6(cli, inputs, work):
+    source = _half_config_source(work / "src", "float32", "model.layers.0.mlp.down_proj.weight", (0, 0), 1e6)
+    code, line, _ = cli.run(*_convert_args(inputs, source, work / "out"))
+    if code != 0:
+        return f"{code} · `{line}` · --out {'written' if (work / 'out').exists() else 'not written'}"
+    compute = json.loads((work / "out" / "config.json").read_text())["quantization_config"]["bnb_4bit_compute_dtype"]
+    return f"{code} · `{line[:110]}` · computes in {compute}, {_logits_finite(work / 'out')}"
+
+
+def case_half_norm_activation(cli, inputs, work):
+    source = _half_config_source(work / "src", "float16", "model.layers.0.input_layernorm.weight", slice(None), 6e4)
+    code, line, _ = cli.run(*_convert_args(inputs, source, work / "out"))
+    written = (work / "out").exists()
+    finite = _logits_finite(work / "out") if written else ""
+    return f"{code} · `{line[:120]}` · --out {'written, ' + finite if written else 'not written'}"
+
+
+def _relative_bundle(cli: Checkout, inputs: dict, work: Path) -> tuple[Path, Path]:
+    """A bundle converted from `m_base` typed relatively in work/a; work/b holds another model named m_base."""
+    from tiny_models import save_tiny, tiny_llama_config
+
+    save_tiny(tiny_llama_config(), work / "a" / "m_base", seed=0)
+    save_tiny(tiny_llama_config(), work / "b" / "m_base", seed=1)
+    done = _run_at(cli, work / "a", "m_base", "--calib", inputs["calib"], "--out", "bundle", "--rank", 8,
+                   "--num-samples", 8, "--seq-len", 32)
+    assert done.returncode == 0, done.stderr
+    return work / "a" / "bundle", work / "a" / "m_base"
+
+
+def _eval_at(cli: Checkout, inputs: dict, cwd: Path, bundle: Path, *extra) -> subprocess.CompletedProcess:
+    return _run_at(cli, cwd, "eval", bundle, "--data", inputs["calib"], "--num-samples", 4, "--seq-len", 32, *extra)
+
+
+def _gap(bundle: Path) -> str:
+    gap = json.loads((bundle / "quailora_eval.json").read_text()).get("gap_closed")
+    return "none" if gap is None else f"{gap:.1%}"
+
+
+def case_eval_elsewhere(cli, inputs, work):
+    bundle, source = _relative_bundle(cli, inputs, work)
+    _eval_at(cli, inputs, work, bundle, "--source", source.resolve())
+    right = _gap(bundle)
+    done = _eval_at(cli, inputs, work / "b", bundle)
+    return f"{done.returncode} · gap with the real source {right}; eval from another folder: {_gap(bundle)}"
+
+
+def case_eval_keeps_complete(cli, inputs, work):
+    bundle, source = _relative_bundle(cli, inputs, work)
+    _eval_at(cli, inputs, work / "a", bundle)
+    complete = (bundle / "quailora_eval.json").read_bytes()
+    source.rename(work / "a" / "moved")
+    done = _eval_at(cli, inputs, work / "a", bundle)
+    kept = (bundle / "quailora_eval.json").read_bytes() == complete
+    line = first_line(done.stderr, done.stdout)[:110]
+    return f"{done.returncode} · `{line}` · complete eval {'kept' if kept else 'overwritten'}"
+
+
+def case_eval_missing_data(cli, inputs, work):
+    bundle = _bundle(cli, inputs, work)
+    done = _eval_at(cli, {"calib": work / "missing.jsonl"}, work, bundle)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return f"{done.returncode} · `{first_line(done.stderr, '')[:100]}` · {len(lines)} stderr line(s)"
+
+
+def case_bad_record_line_6(cli, inputs, work):
+    lines = [json.dumps({"text": "one two three four five six"})] * 5 + [json.dumps({"txt": "no text field"})]
+    (work / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    return _calib_case(cli, inputs, work, work / "calib.jsonl")
+
+
+def case_refine_1_inspect(cli, inputs, work):
+    code, line, _ = cli.run(*_convert_args(inputs, inputs["llama"], work / "out", "--refine", 1))
+    done = _run_at(cli, work, "inspect", work / "out")
+    base = next((line for line in done.stdout.splitlines() if line.startswith("base:")), "(no base line)")
+    return f"{code} · `{' '.join(base.split())}`"
+
+
+def case_rank_warning_stream(cli, inputs, work):
+    done = _run_at(cli, work, *_convert_args(inputs, inputs["llama"], work / "out")[:-6], "--rank", 40,
+                   "--num-samples", 8, "--seq-len", 32)
+    where = [name for name, text in (("stdout", done.stdout), ("stderr", done.stderr)) if "--rank 40 exceeds" in text]
+    return f"{done.returncode} · the rank warning on {', '.join(where) or 'neither'}"
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

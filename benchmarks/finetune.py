@@ -44,8 +44,8 @@ another protocol (steps, data, ...) or from another bundle is refused, never mix
 mean with a min-max band per init) are built from whatever runs are there.
 
     OMP_NUM_THREADS=1 python benchmarks/finetune.py --out /work/study/ft --threads 1 --seeds 3 \\
-        --bundle nearest-exact=/work/study/bundles/nearest-exact \\
-        --plain plain=/work/study/bundles/nearest-exact --int8 int8
+        --no-gradient-checkpointing --plain plain=/work/study/bundles/nearest-exact --int8 int8 \\
+        --bundle nearest-exact=/work/study/bundles/nearest-exact
     python benchmarks/finetune.py report --out /work/study/ft
 """
 from __future__ import annotations
@@ -75,7 +75,6 @@ CURVE_POINTS = 5
 GRAD_NORM_STEPS = 20  # the early steps whose gradient norm is summarised
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a label names a folder
 RUNS = "runs"
-KINDS = ("bundle", "plain", "int8")
 
 
 # ---- data
@@ -154,7 +153,7 @@ def heldout_perplexity(model, sequences: list[list[int]], batch_size: int, pad_i
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One init to fine-tune: a label (its folder under runs/), a kind (KINDS) and the bundle it comes from."""
+    """One init to fine-tune: a label (its folder under runs/), a kind (bundle, plain or int8) and the bundle it comes from."""
 
     label: str
     kind: str
@@ -166,8 +165,8 @@ def device_map(device: str) -> dict:
 
 
 def load_base(path: Path, device: str, checkpointing: bool, quantization_config=None):
-    from peft import prepare_model_for_kbit_training
     import torch
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
@@ -471,10 +470,15 @@ def _alive(pid: int) -> bool:
     return pid > 0
 
 
-def write_atomically(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
+def replace_text(path: Path, text: str) -> None:
+    """Write path whole or not at all: a .tmp file of this process, then renamed over it."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_atomically(path: Path, record: dict) -> None:
+    replace_text(path, json.dumps(record, indent=2))
 
 
 def run_all(specs: list[RunSpec], seeds: list[int], study: Study) -> tuple[int, int]:
@@ -664,7 +668,9 @@ def plot(summary: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("QLoRA fine-tuning: mean and min-max over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
     plt.close(fig)
 
 
@@ -672,8 +678,8 @@ def write_report(out: Path, plain_label: str | None = None, int8_label: str | No
     runs = load_runs(out)
     summary = summarise(runs, plain_label, int8_label)
     table = markdown(summary)
-    (out / "report.md").write_text(table)
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    replace_text(out / "report.md", table)  # another process may be writing its report: whole files only
+    replace_text(out / "report.json", json.dumps(summary, indent=2))
     if runs:
         plot(summary, out / "finetune.png")
     print(table)

@@ -132,8 +132,6 @@ def _cpu_name() -> str:
 
 def prepare_source(check: Check) -> Path:
     """OUT/source: the synthetic checkpoint (reused when a finished one of the same preset and layers is there)."""
-    import synthetic
-
     args = check.args
     source = check.out / "source"
     marker = check.out / "source.json"
@@ -240,7 +238,7 @@ def load_child(args) -> None:
 
     device = torch.device(args.device)
     bundle = Path(args.bundle)
-    placed = {"device_map": {"": device}} if device.type == "cuda" else {}
+    placed = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32, **placed)
     with_adapter = (bundle / INIT_ADAPTER_DIR).is_dir()
     if with_adapter:
@@ -298,7 +296,8 @@ def summarize(results: dict, conversion: dict, measured: dict) -> dict:
                "peak_rss_bytes": max((p.get("max_rss_bytes", 0) for p in peaks), default=0),
                "solve_seconds": results["solve"]["factor_seconds"] + results["solve"]["solve_seconds"],
                "logits_finite": results["load"]["logits_finite"],
-               "planned_seconds": results["plan"]["seconds"], "planned_peak_host_bytes": results["plan"]["peak_host_bytes"],
+               "planned_seconds": results["plan"]["seconds"],
+               "planned_peak_host_bytes": results["plan"]["peak_host_bytes"],
                "planned_peak_device_bytes": results["plan"]["peak_device_bytes"],
                "activations_on": results["plan"].get("activations_on")}
     bf16 = results.get("conversion_bf16_hessian")
@@ -330,10 +329,12 @@ def print_table(results: dict) -> None:
             ("solve " + results["settings"]["solve_shape"], f"{s['solve_seconds']:.2f} s"),
             ("peak GPU memory", f"conversion {_gib(s['conversion_peak_gpu_bytes'])}, any step "
                                 f"{_gib(s['peak_gpu_bytes'])}"),
-            ("peak host RSS", f"conversion {_gib(s['conversion_peak_rss_bytes'])}, any step {_gib(s['peak_rss_bytes'])}"),
+            ("peak host RSS", f"conversion {_gib(s['conversion_peak_rss_bytes'])}, any step "
+                              f"{_gib(s['peak_rss_bytes'])}"),
             ("dry-run plan", f"{s['planned_seconds']:.0f} s, host {_gib(s['planned_peak_host_bytes'])}, device "
                              f"{_gib(s['planned_peak_device_bytes'])}, activations on the {s['activations_on']}"),
-            ("calibrated error", f"{s['calibrated_error']:.6g} (relative to plain NF4 {c['relative_error_after']:.4f})"),
+            ("calibrated error", f"{s['calibrated_error']:.6g} (relative to plain NF4 "
+                                 f"{c['relative_error_after']:.4f})"),
             ("bundle loads", f"logits finite: {s['logits_finite']}")]
     if "bf16_hessian_wall_seconds" in s:
         rows.append(("--hessian-dtype bfloat16", f"{s['bf16_hessian_wall_seconds']:.1f} s, calibrated error "

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from quailora_cli.main import app
@@ -142,3 +143,96 @@ def test_reporter_handles_every_event_type_and_refuses_others():
         reporter(Status("known"))
         with pytest.raises(TypeError, match="no handler for str"):
             reporter("an event the library never sends")
+
+
+# -- issue 22, item 3: eval measures the model the bundle was made from, and never loses a complete result --------
+def _eval(bundle, root, *extra, cwd):
+    """`quailora-convert eval BUNDLE` as a user in cwd runs it, on the held-out file in root."""
+    return run_cli("eval", bundle, "--num-samples", 4, "--seq-len", 16, "--data", root / "held.jsonl", *extra, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def relative(tmp_path_factory):
+    """A bundle converted from a folder named relatively (`m_base`, as a user types it in its parent folder),
+    and another folder elsewhere holding a different model at the same relative name."""
+    from quailora_convert.convert.work_folder import fingerprint as work_fingerprint
+    from quailora_convert.sources.fingerprint import source_files_fingerprint
+
+    root = tmp_path_factory.mktemp("relative")
+    source = save_tiny(tiny_llama_config(), root / "m_base", seed=0)
+    write_text_calibration(root / "calib.jsonl")
+    write_text_calibration(root / "held.jsonl", count=12, seed=7)
+    done = run_cli("m_base", "--calib", "calib.jsonl", "--out", "bundle", "--rank", 8, "--num-samples", 8,
+                   "--seq-len", 32, cwd=root)
+    assert done.returncode == 0, done.stderr
+    elsewhere = root / "elsewhere"
+    save_tiny(tiny_llama_config(), elsewhere / "m_base", seed=1)  # another model, same name
+    # the eval's fingerprint rule is the work folder's: one folder, one fingerprint
+    settings = {"model": str(source), "calib": "calib.jsonl"}
+    assert source_files_fingerprint(source) == work_fingerprint(settings, source, None, None, None,
+                                                                torch.device("cpu"))["source"]
+    return root, source.resolve(), root / "bundle", elsewhere
+
+
+def _gap(bundle):
+    return json.loads((bundle / EVAL).read_text())["gap_closed"]
+
+
+def test_the_report_records_the_source_resolved_with_its_fingerprint(relative):
+    from quailora_convert.sources.fingerprint import source_files_fingerprint
+
+    _, source, bundle, _ = relative
+    recorded = json.loads((bundle / "quailora_report.json").read_text())["source"]
+    assert recorded["model"] == str(source) and recorded["given"] == "m_base"
+    assert recorded["fingerprint"] == source_files_fingerprint(source)
+
+
+def test_eval_from_another_folder_measures_the_recorded_source(relative):
+    root, source, bundle, elsewhere = relative
+    here = _eval(bundle, root, "--source", source, cwd=root)  # the source, named explicitly
+    assert here.returncode == 0, here.stderr
+    expected = _gap(bundle)
+    assert expected is not None and math.isfinite(expected)
+    there = _eval(bundle, root, cwd=elsewhere)  # ./m_base there is another model
+    assert there.returncode == 0, there.stderr
+    assert "source rows left out" not in there.stderr
+    assert _gap(bundle) == pytest.approx(expected, rel=1e-9)
+    other = _eval(bundle, root, "--source", "m_base", "--json", elsewhere / "other.json",
+                  cwd=elsewhere)  # explicitly the other model: used as given
+    assert other.returncode == 0, other.stderr
+    assert json.loads((elsewhere / "other.json").read_text())["gap_closed"] != pytest.approx(expected, rel=1e-3)
+
+
+def test_a_changed_source_is_left_out_and_a_complete_eval_is_kept(relative, tmp_path):
+    root, source, bundle, _ = relative
+    complete = _eval(bundle, root, cwd=root)
+    assert complete.returncode == 0, complete.stderr
+    before = (bundle / EVAL).read_bytes()
+    assert any(r["model"] == ROW_INT8 for r in json.loads(before)["rows"])
+    moved = root / "m_base.original"
+    source.rename(moved)  # the recorded folder now holds another model
+    try:
+        save_tiny(tiny_llama_config(), source, seed=2)
+        refused = _eval(bundle, root, cwd=tmp_path)
+        assert refused.returncode == 2
+        warning = [line for line in refused.stderr.splitlines() if "source rows left out" in line]
+        assert len(warning) == 1 and str(source) in warning[0] and "not the model this bundle was converted from" \
+            in warning[0] and "differ from the recorded fingerprint" in warning[0], refused.stderr
+        assert f"error: {bundle / EVAL} has rows this eval would not compute" in refused.stderr
+        assert (bundle / EVAL).read_bytes() == before
+        aside = _eval(bundle, root, "--json", tmp_path / "partial.json", cwd=root)
+        assert aside.returncode == 0, aside.stderr
+        assert (bundle / EVAL).read_bytes() == before and "kept" in aside.stderr
+        assert [r["model"] for r in json.loads((tmp_path / "partial.json").read_text())["rows"]] == \
+            [ROW_PLAIN, ROW_BUNDLE]
+        replaced = _eval(bundle, root, "--replace-eval", cwd=root)
+        assert replaced.returncode == 0, replaced.stderr
+        assert [r["model"] for r in json.loads((bundle / EVAL).read_text())["rows"]] == [ROW_PLAIN, ROW_BUNDLE]
+    finally:
+        import shutil
+
+        shutil.rmtree(source)
+        moved.rename(source)
+    restored = _eval(bundle, root, cwd=root)  # the recorded source back: its rows return
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads((bundle / EVAL).read_text())["gap_closed"] is not None

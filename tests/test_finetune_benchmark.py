@@ -2,7 +2,6 @@
 skipped when present; the report's arithmetic on synthetic runs; the adapter measurements against direct products."""
 import json
 import math
-import os
 import random
 import runpy
 import socket

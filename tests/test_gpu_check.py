@@ -34,7 +34,8 @@ def test_tiny_check_measures_every_step(tiny_check):
     assert s["ratio_to_forward"] == pytest.approx(s["conversion_wall_seconds"] / s["forward_seconds"])
     assert s["ratio_to_floor"] == pytest.approx(s["conversion_wall_seconds"] / s["floor_seconds"])
     assert s["floor_seconds"] > s["forward_seconds"] * 0.5  # the floor runs the same forward, plus H
-    assert s["logits_finite"] is True and results["load"]["with_adapter"] == (out / "bundle" / INIT_ADAPTER_DIR).is_dir()
+    assert s["logits_finite"] is True
+    assert results["load"]["with_adapter"] == (out / "bundle" / INIT_ADAPTER_DIR).is_dir()
     conversion = results["conversion"]
     report = json.loads((out / "bundle" / REPORT).read_text())
     assert s["calibrated_error"] == report["summary"]["error_after"] > 0
@@ -49,8 +50,21 @@ def test_tiny_check_measures_every_step(tiny_check):
 
 
 def test_a_rerun_reuses_the_checkpoint(tiny_check):
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
     out, results, _ = tiny_check
-    assert "wall_seconds" in results["synthetic"] and (out / "source.json").is_file()
+    assert "wall_seconds" in results["synthetic"]  # the first run wrote it
+    shards = {p: p.stat().st_mtime_ns for p in (out / "source").glob("*.safetensors")}
+    again = gpu_check.Check(argparse.Namespace(out=out, preset="tiny", layers=None, device="cpu"))
+    assert gpu_check.prepare_source(again) == out / "source"
+    assert again.results["synthetic"] == {"reused": True}
+    assert {p: p.stat().st_mtime_ns for p in (out / "source").glob("*.safetensors")} == shards
+    other = gpu_check.Check(argparse.Namespace(out=out, preset="tiny", layers=1, device="cpu"))
+    with pytest.raises(SystemExit, match="another or an unfinished checkpoint"):
+        gpu_check.prepare_source(other)
 
 
 def test_bf16_hessian_sum_is_float32_accumulation_of_rounded_inputs():

@@ -8,7 +8,7 @@ import torch
 
 from quailora_convert.convert import ConvertSettings
 from quailora_convert.core.quantize import NF4Quantizer
-from quailora_convert.core.scales import calibrated_scales
+from quailora_convert.core.scales import calibrated_scales, searched_absmax
 from quailora_convert.core.solvers import calibrated_error
 from quailora_convert.errors import BadInputError
 from bundles import make_bundle
@@ -50,9 +50,23 @@ def test_calibrated_scales_never_worse_than_absmax_and_better_with_outliers(seed
     Q = stored_dequantized(quantized.tensors)  # (out, in) as bitsandbytes decodes the bytes
     assert torch.equal(Q, quantized.dequantized)  # the objective was computed on exactly what is stored
     error = calibrated_error(W.float() - Q.float(), H)
-    assert error == choice.error and choice.error_absmax == nearest
+    assert error == pytest.approx(choice.error, rel=1e-12) and choice.error_absmax == pytest.approx(nearest, rel=1e-12)
     assert error < 0.95 * nearest  # outliers: clipping pays (measured 0.79-0.93 of it on these cases)
     assert choice.scales == "calibrated" and choice.rows_calibrated > 0
+
+
+@pytest.mark.parametrize("shape", [(8, 128), (7, 100)])
+def test_search_runs_in_chunks_along_bitsandbytes_blocks(shape):
+    generator = torch.Generator().manual_seed(1)
+    W = weight_with_outliers(*shape, generator)
+    d = torch.diagonal(random_spd(shape[1], generator))
+    levels = bnbF.get_4bit_type("nf4", device=torch.device("cpu")).float()
+    flat = torch.cat([W.reshape(-1), W.new_zeros(-W.numel() % 64)])  # bnb's blocks of 64, the last padded
+    absmax = flat.view(-1, 64).abs().amax(dim=1)
+    assert torch.equal(searched_absmax(W, d, levels, (1.0,)), absmax)
+    whole = searched_absmax(W, d, levels)
+    assert torch.equal(searched_absmax(W, d, levels, chunk=3), whole)
+    assert bool((whole <= absmax).all()) and bool((whole < absmax).any())
 
 
 def test_falls_back_to_bitsandbytes_bytes_when_the_search_cannot_pay():
@@ -77,7 +91,7 @@ def bundles(tmp_path_factory):
     made = {}
     for name, settings in {"default": {}, "absmax": dict(scales="absmax"), "calibrated": dict(scales="calibrated"),
                            "calibrated-gptq": dict(scales="calibrated", rounding="gptq", refine=1)}.items():
-        made[name] = make_bundle(tmp_path_factory.mktemp(name))
+        made[name] = make_bundle(tmp_path_factory.mktemp(name), **settings)
     return made
 
 

@@ -101,4 +101,5 @@ def test_real_presets_shard_like_the_originals():
     assert vocab["<|begin_of_text|>"] == 128000 and len(set(vocab)) == 128256
     sliced = synthetic.preset_with_layers("llama-2-70b-slice", 2)
     shapes = synthetic.tensor_shapes(synthetic.llama_config(sliced))
-    assert shapes["model.layers.1.mlp.down_proj.weight"] == (8192, 28672) and "model.layers.2.mlp.up_proj.weight" not in shapes
+    assert shapes["model.layers.1.mlp.down_proj.weight"] == (8192, 28672)
+    assert "model.layers.2.mlp.up_proj.weight" not in shapes

@@ -24,8 +24,9 @@ from torch import Tensor
 
 from .options import SHRINK_FACTORS
 from .quantize import NF4_BLOCKSIZE, NF4Quantizer, QuantizedWeight
-from .rounding import CodeGrid, _nearest, nearest_codes
-from .solvers import calibrated_error
+from .rounding import CodeGrid, nearest_codes
+
+SEARCH_CHUNK = 1 << 16  # blocks searched together: 4M weights, ~16 MB per float32 temporary
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,35 @@ class ScaleChoice:
 
 
 def searched_absmax(W: Tensor, H_diagonal: Tensor, levels: Tensor,
-                    shrink_factors: tuple[float, ...] = SHRINK_FACTORS) -> Tensor:
+                    shrink_factors: tuple[float, ...] = SHRINK_FACTORS, chunk: int = SEARCH_CHUNK) -> Tensor:
     """(blocks,) float32: per block of NF4_BLOCKSIZE the scale alpha * absmax (alpha in shrink_factors) whose
-    round-to-nearest codes give the least sum_j H_jj (w_j - q_j)^2. Ties (dead inputs) keep the first factor."""
-    out_features, in_features = W.shape
-    weights = _blocks(W.float(), 0.0)  # (blocks, 64)
-    importance = _blocks(H_diagonal.float().clamp(min=0).expand(out_features, in_features), 0.0)  # (blocks, 64)
+    round-to-nearest codes give the least sum_j H_jj (w_j - q_j)^2. Ties (dead inputs) keep the first factor.
+    chunk blocks at a time, so the search's memory stays a few times chunk x 64 floats at any size."""
+    in_features = W.shape[1]
+    flat = W.float().reshape(-1)  # bnb's blocks run along the row-major flattened weight
+    importance = H_diagonal.float().clamp(min=0)  # (in,)
+    blocks = -(-flat.numel() // NF4_BLOCKSIZE)
+    chosen = torch.empty(blocks, dtype=torch.float32, device=W.device)
+    for start in range(0, blocks, chunk):
+        stop = min(start + chunk, blocks)
+        positions = torch.arange(start * NF4_BLOCKSIZE, stop * NF4_BLOCKSIZE, device=W.device)
+        inside = positions < flat.numel()  # the last block's padding weighs nothing
+        weights = torch.where(inside, flat[positions.clamp(max=flat.numel() - 1)], 0.0).view(-1, NF4_BLOCKSIZE)
+        weighing = torch.where(inside, importance[positions % in_features], 0.0).view(-1, NF4_BLOCKSIZE)
+        chosen[start:stop] = _best_scale(weights, weighing, levels, shrink_factors)
+    return chosen
+
+
+def _best_scale(weights: Tensor, weighing: Tensor, levels: Tensor, shrink_factors: tuple[float, ...]) -> Tensor:
+    """(blocks,) the best alpha * absmax of each block of weights (blocks, 64) under the weights' H diagonal."""
     absmax = weights.abs().amax(dim=1)  # (blocks,) what bnb stores before double quantization
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     best_cost = torch.full_like(absmax, float("inf"))
     best_factor = torch.ones_like(absmax)
     for alpha in shrink_factors:
         scale = (alpha * safe)[:, None]  # (blocks, 1)
-        rounded = levels[_nearest(weights / scale, levels)] * scale
-        cost = ((weights - rounded).square_() * importance).sum(dim=1)  # (blocks,)
+        rounded = levels[nearest_codes(weights, CodeGrid(levels, scale.expand_as(weights)))] * scale
+        cost = ((weights - rounded).square_() * weighing).sum(dim=1)  # (blocks,)
         better = cost < best_cost
         best_cost = torch.where(better, cost, best_cost)
         best_factor = torch.where(better, torch.full_like(best_factor, alpha), best_factor)
@@ -70,16 +86,17 @@ def calibrated_scales(W: Tensor, H: Tensor, quantizer: NF4Quantizer,
     levels = own.state.code.float().to(target.device)
     searched = searched_absmax(W, torch.diagonal(H), levels, shrink_factors)  # (blocks,)
     candidate = _on_absmax(W, searched, levels, quantizer)
-    better_rows = _row_errors(target - candidate.dequantized.float(), H) < own_rows  # (out,)
-    if in_features % NF4_BLOCKSIZE == 0 and not bool(better_rows.all()):  # rows own whole blocks: mix per row
-        true_absmax = _blocks(target, 0.0).abs().amax(dim=1)
+    rows_error = _row_errors(target - candidate.dequantized.float(), H)
+    better_rows = rows_error < own_rows  # (out,)
+    rows = int(better_rows.sum())
+    if in_features % NF4_BLOCKSIZE == 0 and 0 < rows < out_features:  # rows own whole blocks: mix per row
+        true_absmax = target.abs().view(-1, NF4_BLOCKSIZE).amax(dim=1)
         per_block = better_rows.repeat_interleave(in_features // NF4_BLOCKSIZE)
         candidate = _on_absmax(W, torch.where(per_block, searched, true_absmax), levels, quantizer)
-        rows = int(better_rows.sum())
-    else:
-        rows = out_features if bool(better_rows.any()) else 0
-    error_absmax = calibrated_error(target - own.dequantized.float(), H)
-    error = calibrated_error(target - candidate.dequantized.float(), H) if rows else float("inf")
+        rows_error = _row_errors(target - candidate.dequantized.float(), H)
+    elif in_features % NF4_BLOCKSIZE:  # blocks span rows: the whole module is one choice
+        rows = out_features
+    error_absmax, error = float(own_rows.sum()), float(rows_error.sum())
     if not error < error_absmax:
         return own, ScaleChoice("absmax", 0, error_absmax, error_absmax)
     return candidate, ScaleChoice("calibrated", rows, error_absmax, error)
