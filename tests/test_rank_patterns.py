@@ -35,7 +35,8 @@ def test_a_rank_above_the_kv_width_gives_a_bundle_peft_loads(tmp_path):
     out = tmp_path / "bundle"
     done = run_cli(source, "--calib", calib, "--out", out, "--rank", 100, "--num-samples", 8, "--seq-len", 32)
     assert done.returncode == 0, done.stderr
-    assert "--rank 100 exceeds the size of k_proj (rank 64), v_proj (rank 64)" in done.stdout
+    assert "--rank 100 exceeds the size of k_proj (rank 64), v_proj (rank 64)" in done.stderr  # a warning: stderr
+    assert f"({INIT_ADAPTER_CONFIG} rank_pattern / alpha_pattern)" in done.stderr
     config = json.loads((out / INIT_ADAPTER_CONFIG).read_text())
     assert config["r"] == 100 and config["rank_pattern"] == {"k_proj": 64, "v_proj": 64}
     assert config["alpha_pattern"] == {"k_proj": 16.0 * 64 / 100, "v_proj": 16.0 * 64 / 100}

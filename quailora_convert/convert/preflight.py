@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..bundle.layout import INIT_ADAPTER_CONFIG
 from ..calibration.batches import CalibrationBatch, position_count
 from ..core.lora import rank_patterns
 from ..core.quantize import Quantizer
@@ -29,7 +30,7 @@ def check_rank(s: ConvertSettings, shapes: dict[str, tuple[int, int]], on_event:
         listed = ", ".join(f"{key} (rank {r})" for key, r in list(ranks.items())[:4])
         more = f" and {len(ranks) - 4} more" if len(ranks) > 4 else ""
         on_event(Status(f"warning: --rank {s.rank} exceeds the size of {listed}{more}: their adapters get that "
-                        "rank with the same scaling (adapter_config.json rank_pattern / alpha_pattern)"))
+                        f"rank with the same scaling ({INIT_ADAPTER_CONFIG} rank_pattern / alpha_pattern)"))
 
 
 def check_disk(s: ConvertSettings, model: nn.Module, layers_path: str, quantizer: Quantizer, shapes: dict,
