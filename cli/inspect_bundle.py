@@ -47,6 +47,7 @@ def summary_lines(info: dict) -> list[tuple[str, str]]:
                    f"subfolder=\"{lora['folder']}\"))"),
         ("solver", solver["name"] + (f" ({solver['als_steps']} steps)" if solver["als_steps"] is not None else "")),
         ("base", f"{info['base']['rounding']} rounding"
+                 + ("" if info["base"].get("scales", "absmax") == "absmax" else " on calibrated NF4 block scales")
                  + (f", {info['base']['refine']} refinement round{'s' * (info['base']['refine'] != 1)}"
                     if info["base"]["refine"] else "")),
         ("calibration", f"{calib['samples']} samples, {calib['tokens']} tokens from {calib['data']} "

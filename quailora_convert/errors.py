@@ -9,6 +9,10 @@ class BadInputError(QuailoraError, ValueError):
     """The user asked for something that cannot work (missing file, bad option, ...)."""
 
 
+class SourceMustChange(BadInputError):
+    """Only another source can fix this (its values, found after the layers ran): a resume point cannot help."""
+
+
 class UnsupportedModelError(QuailoraError):
     """The model's architecture or checkpoint format is outside what we convert."""
 

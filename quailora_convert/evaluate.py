@@ -107,7 +107,8 @@ def _loaders(bundle: Path, report: dict, source_folder: Path | None,
         loaders.append((source_row, lambda: _load_source(source_folder, dtype), False))
         loaders.append((ROW_INT8, lambda: _load_source(source_folder, dtype, int8=True), False))
     load_bundle = cache(lambda: _load_bundle(bundle, dtype))  # one load serves both bundle rows
-    if report["settings"].get("rounding", "nearest") == "nearest":
+    settings = report["settings"]
+    if settings.get("rounding", "nearest") == "nearest" and settings.get("scales", "absmax") == "absmax":
         loaders.append((ROW_PLAIN, load_bundle, True))  # the base is bnb's own quantization
     else:
         if source_folder is not None:

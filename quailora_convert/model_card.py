@@ -86,7 +86,7 @@ def build_model_card(report: dict, *, adapter: dict | None = None, evaluation: d
         quant_label={"nf4": "4-bit NF4, double quantization, block 64", "int8": "8-bit LLM.int8"}.get(qtype, qtype),
         rank=settings.get("rank"), lora_alpha=settings.get("lora_alpha"), use_rslora=settings.get("use_rslora"),
         target_modules=", ".join(adapter.get("target_modules") or []) if adapter else settings.get("target_modules"),
-        solver=solver, solver_label=_solver_label(settings),
+        solver=solver, solver_label=_solver_label(settings), lora_split=settings.get("lora_split", "balanced"),
         rounding=settings.get("rounding", "nearest"), rounding_label=_rounding_label(settings),
         refine_label=_refine_label(settings, modules),
         error_nearest=summary.get("error_nearest", before),
@@ -189,10 +189,14 @@ def _source_readme(report: dict, source_folder: Path | None, allow_download: boo
 
 
 def _rounding_label(settings: dict) -> str:
+    calibrated = settings.get("scales", "absmax") == "calibrated"
+    scales = ("NF4 block scales searched per block under the calibration `H` (outliers clipped where that "
+              "lowers the error; never a larger base error than bitsandbytes' own)" if calibrated else None)
     if settings.get("rounding", "nearest") == "gptq":
-        return (f"GPTQ codes on bitsandbytes' own scales, error feedback through the calibration `H` "
+        on = scales or "bitsandbytes' own scales"
+        return (f"GPTQ codes on {on}, error feedback through the calibration `H` "
                 f"(damping {settings.get('gptq_damp')})")
-    return "bitsandbytes' round-to-nearest"
+    return f"round-to-nearest on {scales}" if calibrated else "bitsandbytes' round-to-nearest"
 
 
 def _refine_label(settings: dict, modules: list[dict]) -> str:

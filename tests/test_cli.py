@@ -52,17 +52,23 @@ def test_convert_through_console_script(tiny, tmp_path):
     (["{source}", "--calib", "{calib}", "--out", "{out}", "--target-modules", "nope_proj"], "matches no linear"),
     (["{source}", "--calib", "{calib}", "--out", "{out}", "--device", "cuda:7"] if not torch.cuda.is_available()
      else ["{source}", "--calib", "{calib}", "--out", "{out}", "--device", "bogus"], "--device"),
-    (["{source}", "--calib", "{calib}", "--out", "{source}"], "already exists"),
+    (["{source}", "--calib", "{calib}", "--out", "{source}"], "is the source model"),
+    (["{source}", "--calib", "{calib}", "--out", "{taken}"], "already exists; choose another folder"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(tiny, tmp_path, args, message):
     source, calib = tiny
-    filled = [a.format(source=source, calib=calib, out=tmp_path / "out") for a in args]
+    taken = tmp_path / "taken"  # a non-empty folder the run does not read
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    filled = [a.format(source=source, calib=calib, out=tmp_path / "out", taken=taken) for a in args]
     result = run_cli(*filled)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no work folder beside --out
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
 
 
 def test_failure_midway_leaves_nothing_that_looks_like_a_bundle(tiny, tmp_path):

@@ -127,6 +127,7 @@ def test_activations_past_the_stored_dtype_are_refused_with_nothing_written(tmp_
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "the calibration inputs of model.layers.0.self_attn.q_proj reach" in errors[0]
     assert "past the largest float16 value" in errors[0] and "Traceback" not in result.stderr
+    assert "--overwrite" in errors[0] and "--resume" not in errors[0]  # a fixed source is another source
     assert not (tmp_path / "bundle").exists()
 
 

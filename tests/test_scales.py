@@ -51,7 +51,7 @@ def test_calibrated_scales_never_worse_than_absmax_and_better_with_outliers(seed
     assert torch.equal(Q, quantized.dequantized)  # the objective was computed on exactly what is stored
     error = calibrated_error(W.float() - Q.float(), H)
     assert error == pytest.approx(choice.error, rel=1e-12) and choice.error_absmax == pytest.approx(nearest, rel=1e-12)
-    assert error < 0.95 * nearest  # outliers: clipping pays (measured 0.79-0.93 of it on these cases)
+    assert error < 0.95 * nearest  # outliers: clipping pays (measured 0.81-0.94 of it on these cases)
     assert choice.scales == "calibrated" and choice.rows_calibrated > 0
 
 
@@ -122,3 +122,14 @@ def test_absmax_is_todays_bytes(bundles):
     for read in (bundle_tensors, adapter_tensors):
         want, got = read(default), read(absmax)
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_card_and_eval_name_calibrated_scales(bundles):
+    from quailora_convert.evaluate import ROW_BASE, ROW_PLAIN, _loaders
+
+    card = (bundles["calibrated"][1] / "README.md").read_text()
+    assert "NF4 block scales searched per block under the calibration `H`" in card
+    assert "searched per block" not in (bundles["default"][1] / "README.md").read_text()
+    report = json.loads((bundles["calibrated"][1] / "quailora_report.json").read_text())
+    rows = [name for name, _, _ in _loaders(bundles["calibrated"][1], report, None, torch.float32)]
+    assert ROW_PLAIN not in rows and ROW_BASE in rows  # its base is not bitsandbytes' own quantization

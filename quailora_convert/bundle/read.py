@@ -135,6 +135,7 @@ def describe_bundle(folder: Path) -> dict:
                    "als_steps": settings.get("als_steps") if settings.get("solver") == "als" else None,
                    "damp": settings.get("damp")},
         "base": {"rounding": settings.get("rounding", "nearest"), "refine": settings.get("refine", 0),
+                 "scales": settings.get("scales", "absmax"),
                  "gptq_damp": settings.get("gptq_damp") if settings.get("rounding") == "gptq" else None},
         "calibration": {"data": settings.get("calib"), "samples": report.get("calibration", {}).get("samples"),
                         "tokens": report.get("calibration", {}).get("tokens"), "seq_len": settings.get("seq_len"),

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 
 from ..core.value_range import Largest, holding_dtype, holds, largest_abs, largest_of
-from ..errors import BadInputError
+from ..errors import BadInputError, SourceMustChange
 from ..sources.checkpoint import CheckpointReader, KeyMap
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class ComputeDtype:
 
 def choose_compute_dtype(declared: torch.dtype, stored: set[torch.dtype], found: BundleValues) -> ComputeDtype:
     """declared when it holds every value found; else the stored dtype (one kind only; bfloat16 for float16
-    weights) or float32, with a warning naming the tensor. BadInputError when an activation is past what the
+    weights) or float32, with a warning naming the tensor. SourceMustChange when an activation is past what the
     kept tensors' dtype holds."""
     _refuse_overflowing_activations(found)
     largest = largest_of(found.values)
@@ -68,7 +68,7 @@ def _refuse_overflowing_activations(found: BundleValues) -> None:
     for dtype in sorted(found.kept_dtypes, key=lambda d: torch.finfo(d).max):
         largest = largest_of(v for v in found.values if v.activation)
         if largest is not None and not holds(dtype, largest.value):
-            raise BadInputError(
+            raise SourceMustChange(
                 f"{largest.what} reach {largest.value:.4g}, past the largest {_name(dtype)} value "
                 f"({torch.finfo(dtype).max:.4g}): the bundle would keep its embeddings and norms in {_name(dtype)} "
                 f"as the source stores them, and compute inf there (so does the source in {_name(dtype)}); store "

@@ -154,7 +154,7 @@ def probe_layer(s: ConvertSettings, model: nn.Module, layers: nn.ModuleList, bat
             leader = hessians.leader[name]
             group = groups.setdefault(leader, GroupFactors(hessians.mean(name), s.damp, s.gptq_damp))
             result = compensate(s, quantizer, W, stored_dtype, group)
-            to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora))
+            to_peft(result.correction, lora_scaling(s.lora_alpha, s.rank, s.use_rslora), s.lora_split)
             module_report(name, name, result, group.H, s.report_baseline)  # the report's products
         else:
             quantizer.quantize(W.to(stored_dtype))

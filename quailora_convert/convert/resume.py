@@ -11,7 +11,7 @@ import copy
 import os
 from pathlib import Path
 
-from ..errors import BadInputError, Interrupted, ResumeRefused
+from ..errors import BadInputError, Interrupted, ResumeRefused, SourceMustChange
 from ..events import Listener, Status
 from ..sources.checkpoint import CheckpointReader, DamagedSourceError, KeyMap
 from ..stopping import StopRequested, stop_behind
@@ -122,6 +122,10 @@ def leave(work: WorkFolder, error: BaseException) -> None:
         raise Interrupted(f"interrupted at {at}; run the same command with --resume to continue",
                           error.exit_code) from error
     if isinstance(error, ResumeRefused):
+        return
+    if isinstance(error, SourceMustChange):  # a fixed source is another source: resuming would be refused
+        error.add_note(f"the unfinished run in {work.path} cannot be resumed from another source: convert the "
+                       "fixed source with --overwrite")
         return
     damaged = error.path if isinstance(error, DamagedSourceError) else None
     if damaged is not None and not _resumable_change(state, damaged.name):

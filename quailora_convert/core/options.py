@@ -9,4 +9,4 @@ DEFAULT_GPTQ_DAMP = 0.01  # added to H's diagonal before GPTQ's inverse, relativ
 LORA_SPLITS = ("balanced", "a-kaiming", "u")
 # NF4 block scales: bitsandbytes' absmax, or chosen per block under H (core.scales) among these fractions of it
 SCALES = ("absmax", "calibrated")
-SHRINK_FACTORS = tuple(round(1.0 - 0.025 * i, 3) for i in range(13))  # 1.0, 0.975, ..., 0.7
+SHRINK_FACTORS = tuple(round(1.0 - 0.05 * i, 2) for i in range(7))  # 1.0, 0.95, ..., 0.7

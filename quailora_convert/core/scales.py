@@ -60,19 +60,26 @@ def searched_absmax(W: Tensor, H_diagonal: Tensor, levels: Tensor,
 
 
 def _best_scale(weights: Tensor, weighing: Tensor, levels: Tensor, shrink_factors: tuple[float, ...]) -> Tensor:
-    """(blocks,) the best alpha * absmax of each block of weights (blocks, 64) under the weights' H diagonal."""
-    absmax = weights.abs().amax(dim=1)  # (blocks,) what bnb stores before double quantization
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    best_cost = torch.full_like(absmax, float("inf"))
-    best_factor = torch.ones_like(absmax)
+    """(blocks,) the best alpha * absmax of each block of weights (blocks, 64) under the weights' H diagonal.
+
+    On x = w / absmax the error of scale alpha * absmax is absmax * (x - alpha * level): per block the cost
+    compares as sum_j H_jj (x_j - alpha * level_j)^2. A code is the number of midpoints below x / alpha (as
+    bucketize counts them), counted with one comparison per midpoint (faster than bucketize on CPU)."""
+    absmax = weights.abs().amax(dim=1, keepdim=True)  # (blocks, 1) what bnb stores before double quantization
+    normalized = weights / torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # (blocks, 64) in [-1, 1]
+    midpoints = ((levels[1:] + levels[:-1]) / 2).tolist()  # the cells' boundaries, as rounding.nearest_codes
+    best_cost = torch.full_like(absmax[:, 0], float("inf"))
+    best_factor = torch.ones_like(best_cost)
+    codes = torch.empty(weights.shape, dtype=torch.uint8, device=weights.device)
     for alpha in shrink_factors:
-        scale = (alpha * safe)[:, None]  # (blocks, 1)
-        rounded = levels[nearest_codes(weights, CodeGrid(levels, scale.expand_as(weights)))] * scale
-        cost = ((weights - rounded).square_() * weighing).sum(dim=1)  # (blocks,)
+        codes.zero_()
+        for midpoint in midpoints:
+            codes += normalized > alpha * midpoint
+        cost = ((normalized - alpha * levels[codes.int()]).square_() * weighing).sum(dim=1)  # (blocks,)
         better = cost < best_cost
         best_cost = torch.where(better, cost, best_cost)
         best_factor = torch.where(better, torch.full_like(best_factor, alpha), best_factor)
-    return absmax * best_factor
+    return absmax[:, 0] * best_factor
 
 
 def calibrated_scales(W: Tensor, H: Tensor, quantizer: NF4Quantizer,
@@ -85,14 +92,14 @@ def calibrated_scales(W: Tensor, H: Tensor, quantizer: NF4Quantizer,
     own_rows = _row_errors(target - own.dequantized.float(), H)  # (out,)
     levels = own.state.code.float().to(target.device)
     searched = searched_absmax(W, torch.diagonal(H), levels, shrink_factors)  # (blocks,)
-    candidate = _on_absmax(W, searched, levels, quantizer)
+    candidate = _on_absmax(W, searched, quantizer)
     rows_error = _row_errors(target - candidate.dequantized.float(), H)
     better_rows = rows_error < own_rows  # (out,)
     rows = int(better_rows.sum())
     if in_features % NF4_BLOCKSIZE == 0 and 0 < rows < out_features:  # rows own whole blocks: mix per row
         true_absmax = target.abs().view(-1, NF4_BLOCKSIZE).amax(dim=1)
         per_block = better_rows.repeat_interleave(in_features // NF4_BLOCKSIZE)
-        candidate = _on_absmax(W, torch.where(per_block, searched, true_absmax), levels, quantizer)
+        candidate = _on_absmax(W, torch.where(per_block, searched, true_absmax), quantizer)
         rows_error = _row_errors(target - candidate.dequantized.float(), H)
     elif in_features % NF4_BLOCKSIZE:  # blocks span rows: the whole module is one choice
         rows = out_features
@@ -129,19 +136,10 @@ class CalibratedScalesQuantizer:
         return self.nf4.stored_bytes(out_features, in_features)
 
 
-def _on_absmax(W: Tensor, absmax: Tensor, levels: Tensor, quantizer: NF4Quantizer) -> QuantizedWeight:
+def _on_absmax(W: Tensor, absmax: Tensor, quantizer: NF4Quantizer) -> QuantizedWeight:
     """W's NF4 tensors with these block scales, double-quantized as bnb does, codes nearest to the stored ones."""
     scaled = QuantizedWeight({}, W, quantizer.state_for_absmax(W, absmax))  # no codes yet: only its grid is read
     return quantizer.with_codes(scaled, nearest_codes(W.float(), quantizer.grid(scaled)))
-
-
-def _blocks(matrix: Tensor, pad: float) -> Tensor:
-    """(blocks, NF4_BLOCKSIZE): the row-major flattened matrix in bnb's blocks, the last padded with pad."""
-    flat = matrix.reshape(-1)
-    short = -flat.numel() % NF4_BLOCKSIZE
-    if short:
-        flat = torch.cat([flat, flat.new_full((short,), pad)])
-    return flat.view(-1, NF4_BLOCKSIZE)
 
 
 def _row_errors(E: Tensor, H: Tensor) -> Tensor:
