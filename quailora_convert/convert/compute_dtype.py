@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 
 from ..core.value_range import Largest, holding_dtype, holds, largest_abs, largest_of
-from ..errors import BadInputError, SourceMustChange
+from ..errors import SourceMustChange
 from ..sources.checkpoint import CheckpointReader, KeyMap
 
 log = logging.getLogger(__name__)
