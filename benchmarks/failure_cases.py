@@ -414,19 +414,13 @@ def _run_at(cli: Checkout, cwd: Path, *args) -> subprocess.CompletedProcess:
 def _half_config_source(folder: Path, stored: str, key: str, index, value: float) -> Path:
     """A tiny Llama stored in `stored` whose config.json says float16, with weights[key][index] = value."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    from tiny_models import save_tiny, tiny_llama_config
+    from tiny_models import save_tiny_half_config
 
-    save_tiny(tiny_llama_config(), folder, dtype=getattr(torch, stored), shard_size="10MB")
-    weights = load_file(folder / "model.safetensors")
-    weights[key][index] = value
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("torch_dtype", None)
-    config["dtype"] = "float16"
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    def edit(weights):
+        weights[key][index] = value
+
+    return save_tiny_half_config(folder, getattr(torch, stored), edit)
 
 
 def _logits_finite(bundle: Path) -> str:

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from bundles import make_bundle
 from cli_process import run_cli
 from quailora_convert.convert.compute_dtype import BundleValues, choose_compute_dtype
 from quailora_convert.errors import BadInputError
 from quailora_convert.core.value_range import Largest, holding_dtype, holds
-from tiny_models import save_tiny, tiny_llama_config, write_text_calibration
+from tiny_models import save_tiny, save_tiny_half_config, tiny_llama_config, write_text_calibration
 
 REPO = Path(__file__).resolve().parents[1]
 HALF_MAX = torch.finfo(torch.float16).max  # 65504
@@ -60,16 +59,7 @@ def test_activations_the_kept_tensors_cannot_hold_are_refused():
 
 # -- a float16 config over values float16 cannot hold: the bundle still works ------------------------------
 def _half_config_source(root: Path, stored: torch.dtype, edit) -> Path:
-    """A tiny Llama stored in `stored` whose config.json says float16, with edit(weights) applied."""
-    folder = save_tiny(tiny_llama_config(), root / "source", dtype=stored, shard_size="10MB")
-    weights = load_file(folder / "model.safetensors")
-    edit(weights)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("torch_dtype", None)
-    config["dtype"] = "float16"
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return save_tiny_half_config(root / "source", stored, edit)
 
 
 def _set(key: str, index, value: float):

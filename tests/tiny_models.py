@@ -49,3 +49,21 @@ def write_text_calibration(path: Path, count: int = 24, seed: int = 0) -> Path:
     lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))}) for _ in range(count)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def save_tiny_half_config(folder: Path, stored: torch.dtype, edit) -> Path:
+    """A tiny Llama stored in `stored` whose config.json says float16, with edit(weights) applied to its tensors
+    (a float16 config over values float16 may not hold: issue 22's bundle that cannot work)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    save_tiny(tiny_llama_config(), folder, dtype=stored, shard_size="10MB")
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float16"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
