@@ -27,14 +27,15 @@ import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import cache
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .bundle.layout import EVAL, INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR, REPORT, config_dtype, read_config
+from .bundle.layout import (EVAL, INIT_ADAPTER_CONFIG, INIT_ADAPTER_DIR, REPORT, config_dtype, position_limit,
+                            read_config)
 from .bundle.read import read_json, refuse_root_adapter, verify_bundle
 from .calibration import self_generated
 from .calibration.batches import make_batches, pad_token_id, sample_token_sequences
@@ -66,6 +67,7 @@ def evaluate(settings: EvalSettings, on_event: Listener = ignore, *, opened: Mod
         raise BadInputError("--num-samples and --batch-size must be >= 1, --seq-len >= 2")
     if settings.data not in (None, self_generated.SELF):
         check_text_source(settings.data, "--data")  # before any library or model loads
+    settings = _within_positions(settings, bundle)
     with ExitStack() as stack:
         stack.enter_context(quiet_libraries(runs_4bit_on_cpu=True))  # library warnings nobody can act on
         if settings.skip_source:
@@ -194,6 +196,19 @@ def perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int,
     if not math.isfinite(nll):
         raise FloatingPointError("perplexity: the model produced non-finite losses")
     return {"perplexity": math.exp(nll / count), "nll_sum": nll, "tokens": count, "seconds": time.perf_counter() - started}
+
+
+def _within_positions(s: EvalSettings, bundle: Path) -> EvalSettings:
+    """s with --seq-len at most the model's positions, with a warning, as convert clamps it: a learned position
+    table has no row past its end (GPT-2's n_positions), and a RoPE model was never trained there."""
+    from transformers import AutoConfig
+
+    limit = position_limit(AutoConfig.from_pretrained(bundle))
+    if limit is None or s.seq_len <= limit[0]:
+        return s
+    log.warning("--seq-len %d exceeds the %d positions of the model (config.json %s); evaluating on sequences of "
+                "at most %d tokens", s.seq_len, limit[0], limit[1], limit[0])
+    return replace(s, seq_len=limit[0])
 
 
 def _read_report(bundle: Path) -> dict:

@@ -2,6 +2,7 @@
 that cannot make a working bundle (a parameter or a listed shard missing) is refused before any heavy work and
 in the plan; a --seq-len beyond the model's positions is clamped with a warning (issue 22)."""
 import json
+import math
 import shutil
 
 import pytest
@@ -200,6 +201,12 @@ def test_a_seq_len_beyond_the_positions_is_clamped_with_a_warning_in_plan_and_ru
     assert warning in done.stdout + done.stderr
     report = json.loads((tmp_path / "out" / "quailora_report.json").read_text())
     assert report["settings"]["seq_len"] == 128 and report["calibration"]["tokens"] == 4 * 128, report["calibration"]
+    # eval clamps the same way: held-out sequences of at most 128 tokens, not an IndexError
+    evaluated = run_cli("eval", tmp_path / "out", "--data", text, "--num-samples", "2", "--seq-len", "512")
+    assert evaluated.returncode == 0, (evaluated.stdout, evaluated.stderr)
+    assert "--seq-len 512 exceeds the 128 positions of the model (config.json n_positions)" in evaluated.stderr
+    result = json.loads((tmp_path / "out" / "quailora_eval.json").read_text())
+    assert result["tokens"] == 2 * 128 and all(math.isfinite(r["perplexity"]) for r in result["rows"]), result
 
 
 def test_a_llama_is_calibrated_within_its_positions_and_resumes_with_the_same_command(tmp_path):

@@ -86,3 +86,17 @@ def config_dtype(config: dict) -> torch.dtype | None:
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
     return None
+
+
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """(positions, the config key saying so) for the model of config; None when its config names no limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    stored = vars(text)  # the keys config.json spells (attribute_map aliases resolve to them)
+    for key in POSITION_LIMIT_KEYS:
+        value = stored.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None

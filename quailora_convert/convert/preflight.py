@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..bundle.layout import INIT_ADAPTER_CONFIG
+from ..bundle.layout import INIT_ADAPTER_CONFIG, position_limit
 from ..calibration.batches import CalibrationBatch, position_count
 from ..core.lora import rank_patterns
 from ..core.quantize import Quantizer
@@ -48,20 +48,6 @@ def check_disk(s: ConvertSettings, model: nn.Module, layers_path: str, quantizer
 
 # config.json keys that bound the positions a model holds, as architectures name them (first found wins):
 # learned position embeddings (GPT-2's n_positions, OPT's max_position_embeddings) or the trained context (RoPE)
-POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
-
-
-def position_limit(config) -> tuple[int, str] | None:
-    """(positions, the config key saying so) for the model of config; None when its config names no limit."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    stored = vars(text)  # the keys config.json spells (attribute_map aliases resolve to them)
-    for key in POSITION_LIMIT_KEYS:
-        value = stored.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value, key
-    return None
-
-
 def clamp_seq_len(s: ConvertSettings, config, on_event: Listener) -> ConvertSettings:
     """s with --seq-len at most the model's positions (a warning when it was beyond): a learned position table
     has no row past its end, and a RoPE model was never trained there. Convert, the plan and the resume
