@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .options import LORA_SPLITS
-from .solvers import LowRank
+from .solvers import LowRank, svd_of_product
 
 # The norm of each row of PEFT's default lora_A: kaiming_uniform_(a=sqrt(5)) draws U(-1/sqrt(in), 1/sqrt(in)),
 # variance 1/(3 in), so a row of in entries has squared norm 1/3 on average, whatever in is
@@ -59,18 +59,10 @@ def to_peft(low_rank: LowRank, scaling: float, split: str = "balanced") -> tuple
     row_norm = {"a-kaiming": KAIMING_ROW_NORM, "u": 1.0}.get(split)
     if row_norm is None:
         raise ValueError(f"unknown LoRA split {split!r}; choose one of {', '.join(LORA_SPLITS)}")
-    U, S, Vh = _svd_of_product(low_rank.left.double(), low_rank.right.double())
+    U, S, Vh = svd_of_product(low_rank.left.double(), low_rank.right.double())
     lora_A = (Vh * row_norm).float().contiguous()  # (r, in)
     lora_B = (U * (S / (row_norm * scaling))).float().contiguous()  # (out, r)
     return lora_A, lora_B
-
-
-def _svd_of_product(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """U (out, r), S (r,), Vh (r, in) of left @ right without forming it: QR of each factor, SVD of an r x r."""
-    Q_left, R_left = torch.linalg.qr(left)  # (out, r), (r, r)
-    Q_right, R_right = torch.linalg.qr(right.T)  # (in, r), (r, r)
-    u, S, vh = torch.linalg.svd(R_left @ R_right.T)
-    return Q_left @ u, S, vh @ Q_right.T
 
 
 def rank_patterns(shapes: dict[str, tuple[int, int]], rank: int, lora_alpha: float,

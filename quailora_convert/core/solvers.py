@@ -244,13 +244,19 @@ def solve(E: Tensor, H: Tensor, rank: int, solver: str, als_steps: int = 20, dam
     raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
 
 
-def _balanced(left: Tensor, right: Tensor) -> LowRank:
-    """Re-factor left @ right as U sqrt(S), sqrt(S) V^T so both LoRA factors share the scale."""
+def svd_of_product(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U (out, r), S (r,), Vh (r, in) of left @ right without forming it: QR of each factor, SVD of an r x r."""
     Q_left, R_left = torch.linalg.qr(left)  # (out, r), (r, r)
     Q_right, R_right = torch.linalg.qr(right.T)  # (in, r), (r, r)
-    u, s, vh = torch.linalg.svd(R_left @ R_right.T)
-    root = s.sqrt()
-    return LowRank((Q_left @ u) * root, root[:, None] * (vh @ Q_right.T))
+    u, S, vh = torch.linalg.svd(R_left @ R_right.T)
+    return Q_left @ u, S, vh @ Q_right.T
+
+
+def _balanced(left: Tensor, right: Tensor) -> LowRank:
+    """Re-factor left @ right as U sqrt(S), sqrt(S) V^T so both LoRA factors share the scale."""
+    U, S, Vh = svd_of_product(left, right)
+    root = S.sqrt()
+    return LowRank(U * root, root[:, None] * Vh)
 
 
 def _solve_right(B: Tensor, A: Tensor) -> Tensor:
