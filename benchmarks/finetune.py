@@ -59,7 +59,7 @@ import re
 import socket
 import statistics
 import sys
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,21 +292,25 @@ def measure(model, study: Study, step: int, init: dict | None) -> dict:
     return point
 
 
-def train_one(spec: RunSpec, seed: int, study: Study) -> dict:
-    """Fine-tune one init with one seed; the run's record (curve, losses, norms, seconds)."""
+def train_one(spec: RunSpec, seed: int, study: Study, stop_after: int | None = None) -> dict | None:
+    """Fine-tune one init with one seed; the run's record (curve, losses, norms, seconds), or None when it stopped
+    at a checkpoint at or after stop_after (its state kept in the partial folder, resumed by the next call)."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from quailora_convert.calibration.batches import make_batches
 
     clock = Clock()
+    partial = PartialRun(partial_path(study.out, spec.label, seed))
     torch.manual_seed(seed)  # PEFT's random lora_A for --plain and --int8
     model = load_model(spec, study.source, study.device, study.checkpointing)
     clock.lap("load")
     check_dropout_is_zero(model, spec.label)
     init = lora_factors(model)
+    init_norms = factor_norms(init)
     steps = study.protocol["steps"]
     wanted = checkpoints(steps)
+    saved = partial.progress(spec, seed, study.protocol, init_norms)
 
     def timed_measure(step: int) -> dict:
         clock.lap("train")  # the steps since the last lap (nothing before step 0)
@@ -316,37 +320,52 @@ def train_one(spec: RunSpec, seed: int, study: Study) -> dict:
               + f" ({clock.seconds()['cpu']:.0f} CPU s)", flush=True)
         return point
 
-    curve = [timed_measure(0)]
-    logged: list[dict] = []
+    if saved is None:
+        curve, logged, resumed = [timed_measure(0)], [], []
+    else:
+        curve, logged, resumed = saved["curve"], saved["losses"], [*saved["resumed"], saved["step"]]
+        clock.carry(saved["seconds"])
+        print(f"{spec.label} seed {seed}: resumed at step {saved['step']} from {partial.folder}", flush=True)
 
     class Checkpoints(TrainerCallback):
         def on_step_end(self, training_args, state, control, **kwargs):
             if state.global_step in wanted:
                 curve.append(timed_measure(state.global_step))
+                control.should_save = state.global_step < steps  # the Trainer's state, to resume from here
 
         def on_log(self, training_args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 logged.append({"step": state.global_step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm")})
+
+        def on_save(self, training_args, state, control, **kwargs):
+            partial.commit(state.global_step, {
+                "label": spec.label, "kind": spec.kind, "bundle": str(spec.bundle), "seed": seed,
+                "protocol": study.protocol, "init_norms": init_norms, "curve": curve, "losses": logged,
+                "resumed": resumed, "seconds": clock.seconds()})
+            if stop_after is not None and state.global_step >= stop_after:
+                control.should_training_stop = True
 
     def collate(examples):
         [batch] = make_batches([e["input_ids"] for e in examples], len(examples), study.pad_id)
         ids, mask = batch.input_ids, batch.attention_mask
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
-    with tempfile.TemporaryDirectory(prefix="finetune-") as trainer_dir:  # save_strategy "no": nothing lands here
-        training = TrainingArguments(
-            output_dir=trainer_dir, max_steps=steps, learning_rate=LEARNING_RATE, warmup_steps=WARMUP_RATIO,  # a float: the fraction
-            lr_scheduler_type="linear", optim="adamw_torch", per_device_train_batch_size=study.micro_batch,
-            gradient_accumulation_steps=TOTAL_BATCH // study.micro_batch, max_grad_norm=MAX_GRAD_NORM,
-            logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], seed=seed, data_seed=seed,
-            remove_unused_columns=False, use_cpu=study.device == "cpu", disable_tqdm=True,
-        )
-        dataset = [{"input_ids": ids} for ids in study.train_ids]
-        trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=collate,
-                          callbacks=[Checkpoints()])
-        clock.lap("load")  # the Trainer's set-up
-        trainer.train()
-        clock.lap("train")
+    training = TrainingArguments(  # saves only where Checkpoints asks: at each measured step before the last
+        output_dir=str(partial.folder), max_steps=steps, learning_rate=LEARNING_RATE,
+        warmup_steps=WARMUP_RATIO,  # a float: the fraction
+        lr_scheduler_type="linear", optim="adamw_torch", per_device_train_batch_size=study.micro_batch,
+        gradient_accumulation_steps=TOTAL_BATCH // study.micro_batch, max_grad_norm=MAX_GRAD_NORM,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        remove_unused_columns=False, use_cpu=study.device == "cpu", disable_tqdm=True,
+    )
+    dataset = [{"input_ids": ids} for ids in study.train_ids]
+    trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=collate,
+                      callbacks=[Checkpoints()])
+    clock.lap("load")  # the Trainer's set-up
+    trainer.train(resume_from_checkpoint=None if saved is None else str(partial.checkpoint(saved["step"])))
+    clock.lap("train")
+    if trainer.state.global_step < steps:
+        return None  # stopped at a checkpoint: the partial folder holds it
     early = [entry["grad_norm"] for entry in logged[:GRAD_NORM_STEPS] if entry["grad_norm"] is not None]
     return {
         "label": spec.label, "kind": spec.kind, "bundle": str(spec.bundle), "seed": seed,
@@ -357,17 +376,19 @@ def train_one(spec: RunSpec, seed: int, study: Study) -> dict:
         "curve": curve, "losses": logged,
         "grad_norm_first": {"steps": len(early), "mean": statistics.fmean(early) if early else None,
                             "max": max(early) if early else None},
-        "init_norms": factor_norms(init),
+        "init_norms": init_norms, "resumed_at": resumed,
         "seconds": clock.seconds(),
     }
 
 
 class Clock:
-    """Wall and process CPU seconds of a run, in all and by part (load, train: the optimizer steps, eval)."""
+    """Wall and process CPU seconds of a run, in all and by part (load, train: the optimizer steps, eval); a
+    resumed run carries the seconds its earlier processes spent."""
 
     def __init__(self) -> None:
         self.start = self.last = (time.perf_counter(), time.process_time())
         self.parts: dict[str, float] = {}
+        self.carried: dict[str, float] = {}
 
     def lap(self, part: str) -> None:
         now = (time.perf_counter(), time.process_time())
@@ -376,8 +397,13 @@ class Clock:
             self.parts[key] = self.parts.get(key, 0.0) + after - before
         self.last = now
 
+    def carry(self, seconds: dict[str, float]) -> None:
+        """Add an earlier process's seconds (its seconds()) to this one's."""
+        self.carried = dict(seconds)
+
     def seconds(self) -> dict[str, float]:
-        return {"wall": time.perf_counter() - self.start[0], "cpu": time.process_time() - self.start[1], **self.parts}
+        now = {"wall": time.perf_counter() - self.start[0], "cpu": time.process_time() - self.start[1], **self.parts}
+        return {key: now.get(key, 0.0) + self.carried.get(key, 0.0) for key in {*now, *self.carried}}
 
 
 def bundle_settings(bundle: Path) -> dict:
@@ -415,6 +441,56 @@ def versions() -> dict:
 
 def run_path(out: Path, label: str, seed: int) -> Path:
     return out / RUNS / label / f"seed-{seed}.json"
+
+
+def partial_path(out: Path, label: str, seed: int) -> Path:
+    """The folder of a run that is under way: the Trainer's last checkpoint and progress.json (what was measured)."""
+    return out / RUNS / label / f"seed-{seed}.partial"
+
+
+class PartialRun:
+    """A run under way, kept at each measured step so that a killed process loses at most one curve interval.
+
+    The Trainer writes checkpoint-N (adapter, optimizer, scheduler, RNG states); then progress.json is replaced
+    whole, naming N; then older checkpoints are removed. progress.json therefore always names a checkpoint that
+    is complete; a checkpoint it does not name is unfinished or superseded. The folder is this script's own: it
+    is removed when the run's file is written."""
+
+    PROGRESS = "progress.json"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def checkpoint(self, step: int) -> Path:
+        return self.folder / f"checkpoint-{step}"
+
+    def progress(self, spec: RunSpec, seed: int, protocol: dict, init_norms: dict) -> dict | None:
+        """The saved progress of this very run (same init, seed, protocol), None when there is none; refused when
+        the folder holds another run's or the init no longer matches (the bundle changed since)."""
+        path = self.folder / self.PROGRESS
+        if not path.is_file():
+            return None
+        saved = read_run(path)
+        check_same_run(saved, spec, protocol, path)
+        if saved.get("seed") != seed:
+            raise SystemExit(f"{path}: holds seed {saved.get('seed')}, not {seed}; remove {self.folder} to start over")
+        if saved.get("init_norms") != init_norms:
+            raise SystemExit(f"{path}: the init differs from the one this run started from (was the bundle "
+                             f"converted again?); remove {self.folder} to start the run over")
+        if not (self.checkpoint(saved["step"]) / "trainer_state.json").is_file():
+            raise SystemExit(f"{path}: names {self.checkpoint(saved['step'])}, which is not there; remove "
+                             f"{self.folder} to start the run over")
+        return saved
+
+    def commit(self, step: int, progress: dict) -> None:
+        """Record progress at step, whose checkpoint the Trainer has just written; drop the checkpoints before it."""
+        replace_text(self.folder / self.PROGRESS, json.dumps({**progress, "step": step}, indent=2))
+        for old in self.folder.glob("checkpoint-*"):
+            if old.name != self.checkpoint(step).name:
+                shutil.rmtree(old)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def read_run(path: Path) -> dict:
@@ -481,8 +557,10 @@ def write_atomically(path: Path, record: dict) -> None:
     replace_text(path, json.dumps(record, indent=2))
 
 
-def run_all(specs: list[RunSpec], seeds: list[int], study: Study) -> tuple[int, int]:
-    """(runs done now, runs skipped): each (spec, seed) whose file is missing, in seed-major order."""
+def run_all(specs: list[RunSpec], seeds: list[int], study: Study, stop_after: int | None = None) -> tuple[int, int]:
+    """(runs done now, runs skipped): each (spec, seed) whose file is missing, in seed-major order; a run under way
+    (its partial folder) goes on from its last checkpoint; with stop_after, runs stop at their first checkpoint at or
+    after that step instead of finishing."""
     done = skipped = 0
     for seed in seeds:
         for spec in specs:
@@ -498,10 +576,17 @@ def run_all(specs: list[RunSpec], seeds: list[int], study: Study) -> tuple[int, 
                 skipped += 1
                 continue
             try:
-                record = train_one(spec, seed, study)
-                write_atomically(path, record)
+                record = train_one(spec, seed, study, stop_after)
+                if record is not None:
+                    write_atomically(path, record)
+                    PartialRun(partial_path(study.out, spec.label, seed)).remove()
             finally:
                 release_lock(path)
+            if record is None:
+                print(f"{spec.label} seed {seed}: stopped at step {stop_after} or the checkpoint after it; the same "
+                      f"command goes on from there", flush=True)
+                skipped += 1
+                continue
             print(f"{spec.label} seed {seed}: done in {record['seconds']['cpu']:.0f} CPU s "
                   f"({record['seconds']['wall']:.0f} s wall) -> {path}", flush=True)
             done += 1
@@ -740,6 +825,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
     p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                    help="prepare_model_for_kbit_training(use_gradient_checkpointing=False): same math, less CPU")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop each run at its first checkpoint at or after STEP (kept; the same command resumes it)")
     p.add_argument("--out", type=Path, required=True)
     return p
 
@@ -798,7 +885,7 @@ def main(argv: list[str]) -> int:
                   pad_token_id(tokenizer), args.source, args.device, args.checkpointing, args.micro_batch,
                   args.eval_batch, args.threads, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
-    done, skipped = run_all(selected, seeds, study)
+    done, skipped = run_all(selected, seeds, study, args.stop_after)
     print(f"{done} runs done, {skipped} skipped", flush=True)
     write_report(args.out)
     return 0

@@ -204,3 +204,63 @@ def test_lock_and_protocol_guard_the_run_files(bench, tmp_path):
         bench["check_same_run"](existing, spec, {"steps": 100, "max_len": 128}, path)
     with pytest.raises(SystemExit, match="another label"):
         bench["check_same_run"](existing, bench["RunSpec"]("x", "bundle", Path("/b")), existing["protocol"], path)
+
+
+def test_a_run_stopped_at_a_checkpoint_resumes_to_the_same_numbers(tmp_path):
+    """A run stopped mid-way (--stop-after, or a killed process: the same saved state) goes on from its last
+    checkpoint and ends with the losses, perplexities and distances of a run never stopped, across an epoch."""
+    source, bundle = make_bundle(tmp_path)
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(alpaca_records(40, seed=1)))  # 32 training records: 2 steps of 16 an epoch
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("\n".join(json.dumps(r) for r in alpaca_records(30, seed=2)))
+
+    def common(out: Path) -> list[str]:
+        return ["--source", str(source), "--bundle", f"quailora={bundle}", "--plain", f"plain={bundle}",
+                "--seed-list", "3", "--steps", "4", "--data", str(data), "--eval-records", "8", "--forget-data",
+                str(forget), "--forget-records", "8", "--forget-calib-samples", "16", "--micro-batch", "8",
+                "--max-len", "48", "--threads", "1", "--no-gradient-checkpointing", "--out", str(out)]
+
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    run_script(*common(whole))
+    stopped = run_script(*common(parted), "--stop-after", "3")
+    assert "stopped at step 3" in stopped.stdout
+    for label in ("quailora", "plain"):
+        partial = parted / "runs" / label / "seed-3.partial"
+        progress = json.loads((partial / "progress.json").read_text())
+        assert progress["step"] == 3 and [p["step"] for p in progress["curve"]] == [0, 1, 2, 3]
+        assert [c.name for c in partial.glob("checkpoint-*")] == ["checkpoint-3"]  # older ones dropped
+        assert not (parted / "runs" / label / "seed-3.json").exists()
+    resumed = run_script(*common(parted))
+    assert "resumed at step 3" in resumed.stdout
+    for label in ("quailora", "plain"):
+        one, two = (json.loads((out / "runs" / label / "seed-3.json").read_text()) for out in (whole, parted))
+        assert two["resumed_at"] == [3] and one["resumed_at"] == []
+        assert two["losses"] == one["losses"], label  # the same data order and optimizer state after the stop
+        assert two["curve"] == one["curve"], label
+        assert two["init_norms"] == one["init_norms"]
+        assert two["seconds"]["cpu"] > two["seconds"]["load_cpu"] > 0
+        assert not (parted / "runs" / label / "seed-3.partial").exists()
+    assert not list(parted.glob("runs/*/*.lock"))
+
+
+def test_a_partial_run_from_another_init_is_refused(bench, tmp_path):
+    spec = bench["RunSpec"]("x", "bundle", Path("/b"))
+    partial = bench["PartialRun"](tmp_path / "seed-0.partial")
+    (partial.checkpoint(40)).mkdir(parents=True)
+    (partial.checkpoint(40) / "trainer_state.json").write_text("{}")
+    norms = {"all": {"A": 2.0, "B": 2.0, "scaled_BA": 1.0}}
+    saved = {"label": "x", "kind": "bundle", "bundle": "/b", "seed": 0, "protocol": {"steps": 200},
+             "init_norms": norms, "curve": [], "losses": [], "resumed": [], "seconds": {}}
+    partial.commit(40, saved)
+    assert partial.progress(spec, 0, {"steps": 200}, norms)["step"] == 40
+    with pytest.raises(SystemExit, match="converted again"):
+        partial.progress(spec, 0, {"steps": 200}, {"all": {"A": 2.0, "B": 2.0, "scaled_BA": 1.5}})
+    with pytest.raises(SystemExit, match="holds seed 0"):
+        partial.progress(spec, 1, {"steps": 200}, norms)
+    with pytest.raises(SystemExit, match="steps differ"):
+        partial.progress(spec, 0, {"steps": 100}, norms)
+    partial.commit(80, saved)  # the Trainer wrote no checkpoint-80: progress names a missing folder
+    assert not partial.checkpoint(40).exists()
+    with pytest.raises(SystemExit, match="not there"):
+        partial.progress(spec, 0, {"steps": 200}, norms)
