@@ -1,35 +1,40 @@
 #!/usr/bin/env bash
-# Study bundles, converted with the snapshot in /work/study/code (commit 3510143) at nice 19, one thread.
-set -u
-cd /work/study
-export OMP_NUM_THREADS=1 PYTHONPATH=/work/study/code HF_HUB_OFFLINE=1
-PY=/work/main/.venv/bin/python
-MODEL=$HOME/.cache/quailora-test-models/smollm2-135m-instruct
-CALIB=/work/shared/data/calib/self_instruct_alpaca.jsonl
-one() {  # name, then settings as key=value python literals
-  name=$1; shift
-  [ -d bundles/$name/quailora_init ] && return
-  kw=$(printf '%s, ' "$@")
-  nice -n 19 $PY - <<PYEOF > logs/$name.log 2>&1
-import time
-from pathlib import Path
-from quailora_convert.convert import ConvertSettings, convert
-t = time.process_time()
-convert(ConvertSettings(model="$MODEL", out=Path("bundles/$name"), calib="$CALIB", num_samples=128, device="cpu", $kw))
-print("cpu seconds", time.process_time() - t)
-PYEOF
-  # the layout of issue 23: the adapter in quailora_init/
-  mkdir -p bundles/$name/quailora_init && mv bundles/$name/adapter_config.json bundles/$name/adapter_model.safetensors bundles/$name/quailora_init/
-}
-mkdir -p bundles logs
-one nearest-exact solver='"exact"'
-one paper-als20 solver='"als"'
-one gptq-r0 rounding='"gptq"'
-one gptq-r4 rounding='"gptq"' refine=4
-echo first four done
-# the factors' scale, M unchanged: lora_alpha 16 / 4, / 9, / 36 (stored factors x2, x3, x6)
-one nearest-exact-alpha4 lora_alpha=4.0
-one nearest-exact-alpha1.78 lora_alpha=1.7777777777777777
-one nearest-exact-alpha0.44 lora_alpha=0.4444444444444444
-one gptq-r0-alpha0.44 rounding='"gptq"' lora_alpha=0.4444444444444444
-echo alphas done
+# The study's SmolLM2-135M-Instruct bundles (issue 24), converted with the working tree's CLI into /work/study/bundles.
+# Skips a bundle whose quailora_init/ is there; each takes 1-3 CPU minutes. Every bundle calibrates in bfloat16
+# (--calib-dtype bfloat16), as `auto` did on the host of the seed-0 runs (AMX): on a host without AMX, auto
+# would calibrate in float32 and give another M. The seed-0 nearest-exact bundle and the one rebuilt this way on
+# an AMD host differ in the 5th digit of ||A|| and ||s B A|| (202.1663 / 93.1802 against 202.1640 / 93.1780).
+# Usage: bash docs/finetune_study/convert_bundles.sh [NAME ...]   (no name: all, in the queue's order)
+set -eu
+cd "$(dirname "$0")/../.."
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+MODEL=$HOME/.cache/quailora-test-models/smollm2-135m-instruct   # python ../shared/scripts/smollm2.py makes it
+CALIB=$(cd ../shared/data/calib && pwd)/self_instruct_alpaca.jsonl
+B=/work/study/bundles
+mkdir -p "$B" /work/study/logs
+declare -A OPTIONS=(
+  [nearest-exact]="--num-samples 128"                                   # today's default
+  [paper-als20]="--num-samples 128 --solver als"                        # the paper: nearest + ALS-20
+  [gptq-r0]="--num-samples 128 --rounding gptq"                         # what the base keeps: GPTQ refine 0
+  [gptq-r4]="--num-samples 128 --rounding gptq --refine 4"              #                      GPTQ refine 4
+  [nearest-exact-alpha0.44]="--num-samples 128 --lora-alpha 0.4444444444444444"  # the scale: M kept, factors x6
+  [nearest-exact-alpha4]="--num-samples 128 --lora-alpha 4.0"                    #                      factors x2
+  [nearest-exact-akaiming]="--num-samples 128 --lora-split a-kaiming"   # the split, M kept: lora_A at PEFT's row norm
+  [nearest-exact-u]="--num-samples 128 --lora-split u"                  #                    lora_A = V^T
+  [nearest-exact-scales]="--num-samples 128 --scales calibrated"        # NF4 block scales searched under H
+  [nearest-exact-calib512]="--num-samples 512"                          # calibration size (427 records read)
+  [gptq-r0-calib512]="--num-samples 512 --rounding gptq"
+  [gptq-r4-calib512]="--num-samples 512 --rounding gptq --refine 4"
+)
+ORDER=(nearest-exact paper-als20 gptq-r0 gptq-r4 nearest-exact-alpha0.44 nearest-exact-alpha4 nearest-exact-akaiming
+       nearest-exact-u nearest-exact-scales nearest-exact-calib512 gptq-r0-calib512 gptq-r4-calib512)
+for name in "${@:-${ORDER[@]}}"; do
+  [ -n "${OPTIONS[$name]+set}" ] || { echo "unknown bundle $name; one of: ${ORDER[*]}" >&2; exit 2; }
+  [ -d "$B/$name/quailora_init" ] && continue
+  echo "converting $name"
+  # shellcheck disable=SC2086
+  /usr/bin/time -f "$name: %U user + %S sys CPU s, %e s wall, %M KB" nice -n 19 quailora-convert "$MODEL" \
+    --calib "$CALIB" --calib-dtype bfloat16 ${OPTIONS[$name]} --out "$B/$name" > "/work/study/logs/$name.log" 2>&1
+  tail -1 "/work/study/logs/$name.log"
+done
