@@ -44,7 +44,7 @@ def accumulate_gradient(model, batch: list[list[int]], micro_batch: int, pad_id:
         ids, mask = group.input_ids, group.attention_mask
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss / len(groups)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total
 
 

@@ -20,6 +20,7 @@ declare -A OPTIONS=(
   [gptq-r4]="--num-samples 128 --rounding gptq --refine 4"              #                      GPTQ refine 4
   [nearest-exact-alpha0.44]="--num-samples 128 --lora-alpha 0.4444444444444444"  # the scale: M kept, factors x6
   [nearest-exact-alpha4]="--num-samples 128 --lora-alpha 4.0"                    #                      factors x2
+  [nearest-exact-alpha64]="--num-samples 128 --lora-alpha 64.0"  # factors /2; its LoraConfig: plain at alpha 64
   [nearest-exact-akaiming]="--num-samples 128 --lora-split a-kaiming"   # the split, M kept: lora_A at PEFT's row norm
   [nearest-exact-u]="--num-samples 128 --lora-split u"                  #                    lora_A = V^T
   [nearest-exact-scales]="--num-samples 128 --scales calibrated"        # NF4 block scales searched under H
@@ -27,7 +28,8 @@ declare -A OPTIONS=(
   [gptq-r0-calib512]="--num-samples 512 --rounding gptq"
   [gptq-r4-calib512]="--num-samples 512 --rounding gptq --refine 4"
 )
-ORDER=(nearest-exact paper-als20 gptq-r0 gptq-r4 nearest-exact-alpha0.44 nearest-exact-alpha4 nearest-exact-akaiming
+ORDER=(nearest-exact paper-als20 gptq-r0 gptq-r4 nearest-exact-alpha0.44 nearest-exact-alpha64 nearest-exact-alpha4
+       nearest-exact-akaiming
        nearest-exact-u nearest-exact-scales nearest-exact-calib512 gptq-r0-calib512 gptq-r4-calib512)
 for name in "${@:-${ORDER[@]}}"; do
   [ -n "${OPTIONS[$name]+set}" ] || { echo "unknown bundle $name; one of: ${ORDER[*]}" >&2; exit 2; }
