@@ -799,13 +799,18 @@ def run_specs(inits: list[tuple[str, str]]) -> list[RunSpec]:
     return [s if s is not None else RunSpec(next(labels), "int8", first) for s in specs]
 
 
-def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_init_options(p: argparse.ArgumentParser) -> None:
+    """--source, --bundle, --plain and --int8: the inits, in the order given (run_specs reads them)."""
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the full-precision model (for --int8)")
-    p.add_argument("--bundle", action=InOrder, help="LABEL=PATH: fine-tune from the bundle's init")
+    p.add_argument("--bundle", action=InOrder, help="LABEL=PATH: the bundle's own init")
     p.add_argument("--plain", action=InOrder, help="LABEL=PATH: the bundle's base, PEFT's default init")
     p.add_argument("--int8", action=InOrder, nargs="?", const="int8", metavar="LABEL",
                    help="int8 QLoRA from --source (label: int8), with the first bundle's LoraConfig")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_init_options(p)
     p.add_argument("--only", action="append", default=[], metavar="LABEL", help="run only these labels")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1")

@@ -25,7 +25,7 @@ import math
 import sys
 from pathlib import Path
 
-from finetune import (DEFAULT_DATA, DEFAULT_SOURCE, TOTAL_BATCH, InOrder, factor_norms, load_model, lora_factors,
+from finetune import (DEFAULT_DATA, TOTAL_BATCH, add_init_options, factor_norms, load_model, lora_factors,
                       product_norm_squared, replace_text, run_specs, split_records, tokenized)
 
 ADAM_EPS = 1e-8  # adamw_torch's default
@@ -79,11 +79,7 @@ def first_step(model) -> dict[str, float]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the full-precision model (for --int8)")
-    p.add_argument("--bundle", action=InOrder, help="LABEL=PATH: the bundle's init")
-    p.add_argument("--plain", action=InOrder, help="LABEL=PATH: the bundle's base, PEFT's default init")
-    p.add_argument("--int8", action=InOrder, nargs="?", const="int8", metavar="LABEL",
-                   help="int8 QLoRA from --source, with the first bundle's LoraConfig")
+    add_init_options(p)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--eval-records", type=int, default=64, help="held out as benchmarks/finetune.py holds them out")
     p.add_argument("--split-seed", type=int, default=42)
