@@ -310,7 +310,7 @@ def train_one(spec: RunSpec, seed: int, study: Study, stop_after: int | None = N
     init_norms = factor_norms(init)
     steps = study.protocol["steps"]
     wanted = checkpoints(steps)
-    saved = partial.progress(spec, seed, study.protocol, init_norms)
+    saved = partial.progress(spec, seed, study.protocol, init_norms, study.micro_batch)
 
     def timed_measure(step: int) -> dict:
         clock.lap("train")  # the steps since the last lap (nothing before step 0)
@@ -340,7 +340,8 @@ def train_one(spec: RunSpec, seed: int, study: Study, stop_after: int | None = N
         def on_save(self, training_args, state, control, **kwargs):
             partial.commit(state.global_step, {
                 "label": spec.label, "kind": spec.kind, "bundle": str(spec.bundle), "seed": seed,
-                "protocol": study.protocol, "init_norms": init_norms, "curve": curve, "losses": logged,
+                "protocol": study.protocol, "micro_batch": study.micro_batch, "init_norms": init_norms,
+                "curve": curve, "losses": logged,
                 "resumed": resumed, "seconds": clock.seconds()})
             if stop_after is not None and state.global_step >= stop_after:
                 control.should_training_stop = True
@@ -383,7 +384,8 @@ def train_one(spec: RunSpec, seed: int, study: Study, stop_after: int | None = N
 
 class Clock:
     """Wall and process CPU seconds of a run, in all and by part (load, train: the optimizer steps, eval); a
-    resumed run carries the seconds its earlier processes spent."""
+    resumed run carries what its earlier processes had spent up to their last checkpoint (what a killed process
+    spent after it is not counted)."""
 
     def __init__(self) -> None:
         self.start = self.last = (time.perf_counter(), time.process_time())
@@ -398,7 +400,7 @@ class Clock:
         self.last = now
 
     def carry(self, seconds: dict[str, float]) -> None:
-        """Add an earlier process's seconds (its seconds()) to this one's."""
+        """Count an earlier process's seconds (its seconds() at its last checkpoint) in this one's."""
         self.carried = dict(seconds)
 
     def seconds(self) -> dict[str, float]:
@@ -443,6 +445,15 @@ def run_path(out: Path, label: str, seed: int) -> Path:
     return out / RUNS / label / f"seed-{seed}.json"
 
 
+def same_norms(saved: dict, now: dict) -> bool:
+    """The init's norms as a run file holds them against a fresh load's, to 1e-9 (float64 sums may differ in the
+    last bits with the thread count)."""
+    return saved.keys() == now.keys() and all(
+        saved[kind].keys() == now[kind].keys()
+        and all(math.isclose(saved[kind][k], now[kind][k], rel_tol=1e-9, abs_tol=1e-12) for k in now[kind])
+        for kind in now)
+
+
 def partial_path(out: Path, label: str, seed: int) -> Path:
     """The folder of a run that is under way: the Trainer's last checkpoint and progress.json (what was measured)."""
     return out / RUNS / label / f"seed-{seed}.partial"
@@ -464,7 +475,8 @@ class PartialRun:
     def checkpoint(self, step: int) -> Path:
         return self.folder / f"checkpoint-{step}"
 
-    def progress(self, spec: RunSpec, seed: int, protocol: dict, init_norms: dict) -> dict | None:
+    def progress(self, spec: RunSpec, seed: int, protocol: dict, init_norms: dict,
+                 micro_batch: int | None = None) -> dict | None:
         """The saved progress of this very run (same init, seed, protocol), None when there is none; refused when
         the folder holds another run's or the init no longer matches (the bundle changed since)."""
         path = self.folder / self.PROGRESS
@@ -472,9 +484,12 @@ class PartialRun:
             return None
         saved = read_run(path)
         check_same_run(saved, spec, protocol, path)
+        if micro_batch is not None and saved.get("micro_batch", micro_batch) != micro_batch:
+            raise SystemExit(f"{path}: was run with --micro-batch {saved.get('micro_batch')}, not {micro_batch} (another "
+                             f"batching, other numbers); run it with that, or remove {self.folder} to start over")
         if saved.get("seed") != seed:
             raise SystemExit(f"{path}: holds seed {saved.get('seed')}, not {seed}; remove {self.folder} to start over")
-        if saved.get("init_norms") != init_norms:
+        if not same_norms(saved.get("init_norms", {}), init_norms):
             raise SystemExit(f"{path}: the init differs from the one this run started from (was the bundle "
                              f"converted again?); remove {self.folder} to start the run over")
         if not (self.checkpoint(saved["step"]) / "trainer_state.json").is_file():
@@ -567,6 +582,7 @@ def run_all(specs: list[RunSpec], seeds: list[int], study: Study, stop_after: in
             path = run_path(study.out, spec.label, seed)
             if path.exists():
                 check_same_run(read_run(path), spec, study.protocol, path)
+                PartialRun(partial_path(study.out, spec.label, seed)).remove()  # left by a kill after the file
                 print(f"{spec.label} seed {seed}: skipped, {path} is there", flush=True)
                 skipped += 1
                 continue

@@ -5,6 +5,8 @@ A LoRA module computes W = Q + s B A and trains A and B. Adam's first update of 
 makes on W, s (dB A + B dA) to first order, grows with the factors' norms. PEFT's default init (B = 0) moves W by
 s dB A alone; an init whose factors are large moves it by more at the same lr: a larger effective learning rate,
 which is one way an init's curve can differ from plain QLoRA's that has nothing to do with the error it cancels.
+A per-unit-lr proxy, not the study's own step 1 (its warm-up starts at lr 0; later Adam steps divide running means,
+still about lr per entry while a gradient keeps its sign; clipping at norm 1 does not change Adam's direction).
 
 For every init (--bundle, --plain, --int8, loaded exactly as benchmarks/finetune.py loads them), one batch of
 --batch training records (the first of the task's training split; a batch of 16 in micro-batches, as the study
@@ -25,6 +27,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 from finetune import (DEFAULT_DATA, TOTAL_BATCH, add_init_options, factor_norms, load_model, lora_factors,
                       product_norm_squared, replace_text, run_specs, split_records, tokenized)
 
@@ -32,17 +36,21 @@ ADAM_EPS = 1e-8  # adamw_torch's default
 
 
 def accumulate_gradient(model, batch: list[list[int]], micro_batch: int, pad_id: int) -> float:
-    """Backward over batch in micro-batches (each micro-batch's mean token loss, divided by their count, as the
-    Trainer's gradient accumulation does); the mean loss."""
+    """Backward over batch in micro-batches, every predicted token of the batch weighted alike (the Trainer's
+    gradient accumulation with num_items_in_batch, as for a Llama model in transformers 5); the mean token loss."""
     from quailora_convert.calibration.batches import make_batches
 
     model.train()  # dropout is 0; never an eval-mode forward (bitsandbytes' CPU repack)
     model.zero_grad(set_to_none=True)
     groups = make_batches(batch, micro_batch, pad_id)
+    tokens = sum(int(group.attention_mask[:, 1:].sum()) for group in groups)  # the predicted tokens
     total = 0.0
     for group in groups:
         ids, mask = group.input_ids, group.attention_mask
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss / len(groups)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                 reduction="sum") / tokens
         loss.backward()
         total += float(loss.detach())
     return total
@@ -51,8 +59,6 @@ def accumulate_gradient(model, batch: list[list[int]], micro_batch: int, pad_id:
 def adam_first_step(A, B, grad_A, grad_B, scaling: float) -> dict[str, float]:
     """Squared norms of the first Adam step on W per unit lr, and of its two parts; the first-order loss decrease.
     A (r, in), B (out, r) and their gradients, float64."""
-    import torch
-
     step_A = -grad_A / (grad_A.abs() + ADAM_EPS)  # (r, in)
     step_B = -grad_B / (grad_B.abs() + ADAM_EPS)  # (out, r)
     both = product_norm_squared(torch.cat([A, step_A]), torch.cat([step_B, B], dim=1))  # ||dB A + B dA||^2
@@ -94,7 +100,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     specs = run_specs(getattr(args, "inits", None) or [])
-    import torch
     from transformers import AutoTokenizer
 
     from quailora_convert.calibration.batches import pad_token_id

@@ -254,6 +254,12 @@ def test_a_partial_run_from_another_init_is_refused(bench, tmp_path):
              "init_norms": norms, "curve": [], "losses": [], "resumed": [], "seconds": {}}
     partial.commit(40, saved)
     assert partial.progress(spec, 0, {"steps": 200}, norms)["step"] == 40
+    last_bits = {"all": {"A": 2.0 * (1 + 1e-14), "B": 2.0, "scaled_BA": 1.0}}  # another thread count's sums
+    assert partial.progress(spec, 0, {"steps": 200}, last_bits)["step"] == 40
+    partial.commit(40, {**saved, "micro_batch": 4})
+    with pytest.raises(SystemExit, match="--micro-batch 4"):
+        partial.progress(spec, 0, {"steps": 200}, norms, micro_batch=8)
+    assert partial.progress(spec, 0, {"steps": 200}, norms, micro_batch=4)["step"] == 40
     with pytest.raises(SystemExit, match="converted again"):
         partial.progress(spec, 0, {"steps": 200}, {"all": {"A": 2.0, "B": 2.0, "scaled_BA": 1.5}})
     with pytest.raises(SystemExit, match="holds seed 0"):

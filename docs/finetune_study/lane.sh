@@ -20,7 +20,11 @@ while true; do
   while read -r label seed kind folder; do
     [ -z "$label" ] || [ "${label:0:1}" = "#" ] && continue
     [ -f "$OUT/runs/$label/seed-$seed.json" ] && continue
-    [ -f "$OUT/runs/$label/seed-$seed.json.lock" ] && continue
+    lock="$OUT/runs/$label/seed-$seed.json.lock"  # held by a live process: another lane runs it
+    if [ -f "$lock" ]; then
+      pid=$(grep -o '"pid": [0-9]*' "$lock" | grep -o '[0-9]*$' || true)
+      [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && continue
+    fi  # a lock of a process that died (a kill, a session's end): finetune.py takes it over and resumes the run
     [ "$kind" = int8 ] || [ -d "$B/$folder/quailora_init" ] || { echo "not yet: $B/$folder"; continue; }
     extra=()
     case $kind in
@@ -29,7 +33,9 @@ while true; do
     esac
     echo "=== $(date -Is) $label seed $seed"
     nice -n 19 python benchmarks/finetune.py --threads 1 --no-gradient-checkpointing --out "$OUT" \
-      --seed-list "$seed" --plain "plain=$B/nearest-exact" "${extra[@]}" --only "$label"
+      --seed-list "$seed" --plain "plain=$B/nearest-exact" "${extra[@]}" --only "$label" \
+      || { echo "=== $label seed $seed failed: lane stopped"; exit 1; }
+    [ -f "$OUT/runs/$label/seed-$seed.json" ] || { echo "=== $label seed $seed not done: lane stopped"; exit 1; }
     started=1
     break
   done < "$QUEUE"
