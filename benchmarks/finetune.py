@@ -126,6 +126,16 @@ def tokenized(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
             if len(ids) >= 2]
 
 
+def summed_token_nll(model, ids, mask) -> tuple:
+    """(the summed negative log-likelihood of every predicted real token, as a tensor, and their count)."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    summed = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+    return summed, int((targets != -100).sum())
+
+
 def heldout_perplexity(model, sequences: list[list[int]], batch_size: int, pad_id: int) -> float:
     """Token-level perplexity in train mode under no_grad (see the module docstring); batched longest first, so
     each batch pads to a length its rows share (the sum over tokens does not depend on the order)."""
@@ -139,12 +149,9 @@ def heldout_perplexity(model, sequences: list[list[int]], batch_size: int, pad_i
     nll, tokens = 0.0, 0
     with torch.no_grad():
         for batch in make_batches(longest_first(sequences), batch_size, pad_id):
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
-                                                           reduction="sum"))
-            tokens += int((targets != -100).sum())
+            summed, count = summed_token_nll(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+            nll += float(summed)
+            tokens += count
     model.train(was_training)
     return math.exp(nll / tokens)
 

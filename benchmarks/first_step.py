@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from finetune import (DEFAULT_DATA, TOTAL_BATCH, add_init_options, factor_norms, load_model, lora_factors,
-                      product_norm_squared, replace_text, run_specs, split_records, tokenized)
+                      product_norm_squared, replace_text, run_specs, split_records, summed_token_nll, tokenized)
 
 ADAM_EPS = 1e-8  # adamw_torch's default
 
@@ -46,11 +46,8 @@ def accumulate_gradient(model, batch: list[list[int]], micro_batch: int, pad_id:
     tokens = sum(int(group.attention_mask[:, 1:].sum()) for group in groups)  # the predicted tokens
     total = 0.0
     for group in groups:
-        ids, mask = group.input_ids, group.attention_mask
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
-                                                 reduction="sum") / tokens
+        summed, _ = summed_token_nll(model, group.input_ids, group.attention_mask)
+        loss = summed / tokens
         loss.backward()
         total += float(loss.detach())
     return total
