@@ -192,11 +192,11 @@ def _finish_rank(rank: int, port: int, settings: dict, outcomes) -> None:
 
     close = Ranks.close
 
-    def signalled_close(self, finished):
-        if finished and self.rank == 1:
+    def signalled_close(self, error=None):
+        if error is None and self.rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
-        return close(self, finished)
+        return close(self, error)
 
     def listener(event):
         if isinstance(event, ConversionDone):

@@ -68,9 +68,9 @@ def convert(settings: ConvertSettings, on_event: Listener = ignore, *, opened: M
         # several ranks: a signal after the last together() is dropped (published); pinned host memory freed
         with ranks.held_signals(), pinned_scope(ranks.device):
             bundle, report = _convert_as(ranks, settings, on_event if ranks.main else ignore, opened)
-            ranks.close(finished=True)
-    except BaseException:
-        ranks.close(finished=False)
+            ranks.close()
+    except BaseException as error:
+        ranks.close(error)
         raise
     if ranks.main:  # after the ranks parted: a listener's error cannot leave a peer waiting
         on_event(ConversionDone(bundle, report))

@@ -122,14 +122,14 @@ class Ranks:
             held = take_held_signal()
             outcomes = self.all_gather((None if error is None else _describe(self.rank, error), held))
             first = next((failure for failure, _ in outcomes if failure is not None), None)
-            if error is not None:
-                setattr(error, SHARED_MARK, True)
-            elif first is not None:
-                raise PeerFailed(*first)
-            else:
+            if error is None and first is not None:
+                error = PeerFailed(*first)
+            elif error is None:
                 signum = next((signal for _, signal in outcomes if signal is not None), None)
                 if signum is not None:
-                    stop_now(signum)
+                    error = _agreed_stop(signum)
+            if error is not None:
+                setattr(error, SHARED_MARK, True)  # every rank stops here: they may part together (close)
         if error is not None:
             raise error
         return result
@@ -147,21 +147,31 @@ class Ranks:
         rank stops at once (a rank stopped alone would leave the others waiting in a collective)."""
         return critical(finishes=True) if self.size > 1 else nullcontext()
 
-    def close(self, finished: bool) -> None:
-        """Leave the process group. finished: every rank got here without an error, so they first wait for
-        each other: a rank that tore gloo down while a peer still held a connection to it was seen to abort
-        at exit (SIGABRT, "terminate called without an active exception"), once in CI. After an
-        error no barrier: a rank that failed alone must not wait on peers that may never arrive."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Leave the process group. Every rank got here together (no error, or one that together() shared:
+        a stop signal, a failure all ranks heard of), so they first wait for each other: a rank that tore
+        gloo down while a peer still held a connection to it was seen to abort at exit (SIGABRT, "terminate
+        called without an active exception"), in CI, after a run and after a stop. After an error of this
+        rank's alone no barrier: it must not wait on peers that may never arrive."""
         if self.owns_group:
             import torch.distributed as dist
 
-            if finished and self.size > 1:
+            if self.size > 1 and (error is None or getattr(error, SHARED_MARK, False)):
                 dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def _agreed_stop(signum: int) -> BaseException:
+    """The StopRequested a signal on some rank raises on every rank, at the together() they stop at."""
+    try:
+        stop_now(signum)
+    except BaseException as stop:  # noqa: BLE001 - returned to be raised with the mark of a shared stop
+        return stop
+    raise AssertionError("stop_now returned")
 
 
 def _describe(rank: int, error: BaseException) -> tuple[str, int]:
