@@ -236,3 +236,61 @@ def test_the_ranks_part_before_the_listener_hears_and_a_late_signal_is_dropped(r
     assert said == {0: "raised RuntimeError: the listener failed", 1: f"returned {out}"}
     for shard in sorted(p.name for p in runs["single"].glob("model*.safetensors")):
         assert (runs["single"] / shard).read_bytes() == (out / shard).read_bytes(), shard
+
+
+def _parting_rank(rank: int, port: int, outcomes) -> None:
+    """One of two ranks (spawned, gloo): a failure on rank 1, then a stop signal held on rank 0, each shared
+    by together(); puts (rank, [(error type, shared mark)], whether close() waited at the barrier)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+
+    from quailora_convert.convert.ranks import join_ranks
+    from quailora_convert.errors import SHARED_MARK
+    from quailora_convert.stopping import stop_on_signals
+
+    def fail_on_rank_1():
+        if rank == 1:
+            raise ValueError("rank 1's own failure")
+
+    def signal_on_rank_0():
+        if rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # held back (held_signals) until the together() below
+
+    barriers = []
+    barrier = dist.barrier
+    dist.barrier = lambda *a, **k: (barriers.append(rank), barrier(*a, **k))[1]
+    seen = []
+    ranks = join_ranks(torch.device("cpu"))
+    with stop_on_signals():
+        for step in (fail_on_rank_1, signal_on_rank_0):
+            try:
+                with ranks.held_signals():
+                    ranks.together(step)
+            except BaseException as error:  # noqa: BLE001 - reported to the test
+                seen.append((type(error).__name__, bool(getattr(error, SHARED_MARK, False))))
+                last = error
+        ranks.close(last)
+    outcomes.put((rank, seen, barriers == [rank]))
+
+
+def test_ranks_stopped_together_mark_the_error_and_wait_for_each_other_before_parting():
+    """What every rank heard of at a together() (a peer's failure, a stop signal one rank got) is marked shared on
+    every rank, so close() waits at a barrier before leaving the group (a rank that left first made its peer abort)."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    outcomes = context.Queue()
+    processes = [context.Process(target=_parting_rank, args=(r, port, outcomes)) for r in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0, process.exitcode
+    said = {rank: (seen, waited) for rank, seen, waited in (outcomes.get(timeout=5) for _ in processes)}
+    assert said == {0: ([("PeerFailed", True), ("StopRequested", True)], True),
+                    1: ([("ValueError", True), ("StopRequested", True)], True)}
