@@ -12,7 +12,9 @@ On a float32 load prepare_model_for_kbit_training casts nothing (no float16/bflo
 freezes what PEFT freezes anyway; what it changes is that it turns gradient checkpointing on: the same math
 (dropout is 0), each layer's forward run twice; --no-gradient-checkpointing passes use_gradient_checkpointing=False
 (see the run JSON's seconds). The 4-bit base computes in the dtype the bundle's config.json names
-(bnb_4bit_compute_dtype), as a user's does; the LoRA factors are float32.
+(bnb_4bit_compute_dtype), as a user's does; the LoRA factors are float32, unless --adapter-dtype LABEL=bfloat16
+trains them in bfloat16 (where transformers' load_adapter leaves them on a 4-bit model, and TRL's SFTTrainer
+casts them): an Adam step of size u is then rounded away on every factor entry larger than 256 u to 512 u.
 
 The paper's hyperparameters: lr 2e-4, AdamW (adamw_torch), warm-up 3% then linear decay, total batch 16
 (--micro-batch x gradient accumulation), LoRA dropout 0, Trainer's max_grad_norm 1.0.
@@ -61,7 +63,7 @@ import statistics
 import sys
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from workplace import DEFAULT_CALIB, DEFAULT_SOURCE, SHARED
@@ -74,6 +76,7 @@ MAX_GRAD_NORM = 1.0  # Trainer's default
 CURVE_POINTS = 5
 GRAD_NORM_STEPS = 20  # the early steps whose gradient norm is summarised
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a label names a folder
+ADAPTER_DTYPES = ("float32", "bfloat16")
 RUNS = "runs"
 
 
@@ -165,6 +168,7 @@ class RunSpec:
     label: str
     kind: str
     bundle: Path
+    adapter_dtype: str = "float32"  # the LoRA factors' dtype while training (--adapter-dtype)
 
 
 def device_map(device: str) -> dict:
@@ -197,13 +201,29 @@ def load_model(spec: RunSpec, source: Path, device: str, checkpointing: bool):
 
     if spec.kind == "bundle":
         base = load_base(spec.bundle, device, checkpointing)
-        return PeftModel.from_pretrained(base, str(spec.bundle), subfolder=INIT_ADAPTER_DIR, is_trainable=True)
-    config = adapter_config(spec.bundle)
-    config.init_lora_weights = True  # PEFT's default init, whatever the file says
-    if spec.kind == "plain":
-        return get_peft_model(load_base(spec.bundle, device, checkpointing), config)
-    base = load_base(source, device, checkpointing, BitsAndBytesConfig(load_in_8bit=True))
-    return get_peft_model(base, config)
+        model = PeftModel.from_pretrained(base, str(spec.bundle), subfolder=INIT_ADAPTER_DIR, is_trainable=True)
+    else:
+        config = adapter_config(spec.bundle)
+        config.init_lora_weights = True  # PEFT's default init, whatever the file says
+        if spec.kind == "plain":
+            base = load_base(spec.bundle, device, checkpointing)
+        else:
+            base = load_base(source, device, checkpointing, BitsAndBytesConfig(load_in_8bit=True))
+        model = get_peft_model(base, config)
+    return with_adapter_dtype(model, spec.adapter_dtype)
+
+
+def with_adapter_dtype(model, dtype_name: str):
+    """model with its LoRA factors cast to dtype_name, as they train: bfloat16 is where transformers'
+    load_adapter leaves them on a 4-bit model, and where TRL's SFTTrainer casts a 4-bit model's trainable
+    parameters (the earlier study's loading path; the model card's recipe casts them back to float32)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.to(dtype)
+    return model
 
 
 def check_dropout_is_zero(model, label: str) -> None:
@@ -377,7 +397,7 @@ def train_one(spec: RunSpec, seed: int, study: Study, stop_after: int | None = N
     early = [entry["grad_norm"] for entry in logged[:GRAD_NORM_STEPS] if entry["grad_norm"] is not None]
     return {
         "label": spec.label, "kind": spec.kind, "bundle": str(spec.bundle), "seed": seed,
-        "protocol": study.protocol, "bundle_settings": bundle_settings(spec.bundle),
+        "adapter_dtype": spec.adapter_dtype, "protocol": study.protocol, "bundle_settings": bundle_settings(spec.bundle),
         "compute": {"device": study.device, "threads": study.threads, "micro_batch": study.micro_batch,
                     "gradient_checkpointing": study.checkpointing, "base_compute_dtype": base_compute_dtype(model),
                     "versions": versions()},
@@ -524,9 +544,11 @@ def read_run(path: Path) -> dict:
 
 def check_same_run(existing: dict, spec: RunSpec, protocol: dict, path: Path) -> None:
     """A present run file counts only if it is this run under this protocol; anything else is refused."""
-    if existing.get("kind") != spec.kind or Path(existing.get("bundle", "")) != spec.bundle:
+    if (existing.get("kind") != spec.kind or Path(existing.get("bundle", "")) != spec.bundle
+            or existing.get("adapter_dtype", "float32") != spec.adapter_dtype):
         raise SystemExit(f"{path}: label {spec.label!r} was run as {existing.get('kind')} from "
-                         f"{existing.get('bundle')}; give this one another label, or another --out")
+                         f"{existing.get('bundle')} with {existing.get('adapter_dtype', 'float32')} factors; give "
+                         f"this one another label, or another --out")
     differs = sorted(k for k in set(protocol) | set(existing.get("protocol", {}))
                      if protocol.get(k) != existing.get("protocol", {}).get(k))
     if differs:
@@ -686,6 +708,7 @@ def _summarise_label(seeded: dict[int, dict], plain: dict[int, dict], int8: dict
     relative = [d["relative"] for d in final_distance if d.get("relative") is not None]
     return {
         "kind": first["kind"], "bundle": first["bundle"], "bundle_settings": first.get("bundle_settings", {}),
+        "adapter_dtype": first.get("adapter_dtype", "float32"),
         "seeds": seeds, "paired_seeds": paired, "steps": steps, "task": curves["task"], "forget": curves["forget"],
         "gap_closed": gap_curve, "beats_plain": beats,
         "forget_rise": _spread([seeded[s]["curve"][-1]["forget"] - seeded[s]["curve"][0]["forget"] for s in seeds]),
@@ -750,7 +773,8 @@ def _made_with(row: dict) -> str:
     adapter = "PEFT default init" if row["kind"] == "plain" else (
         f"{s.get('solver', '?')}" + (f"-{s.get('als_steps')}" if s.get("solver") == "als" else "")
         + (f", split {s['lora_split']}" if s.get("lora_split", "balanced") != "balanced" else ""))
-    return f"{base} + {adapter}, {s.get('num_samples', '?')} calib"
+    factors = "" if row.get("adapter_dtype", "float32") == "float32" else f", {row['adapter_dtype']} factors"
+    return f"{base} + {adapter}, {s.get('num_samples', '?')} calib{factors}"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -822,6 +846,20 @@ def run_specs(inits: list[tuple[str, str]]) -> list[RunSpec]:
     return [s if s is not None else RunSpec(next(labels), "int8", first) for s in specs]
 
 
+def with_adapter_dtypes(specs: list[RunSpec], values: list[str], p: argparse.ArgumentParser) -> list[RunSpec]:
+    """specs with the --adapter-dtype LABEL=DTYPE choices applied."""
+    chosen = {}
+    for value in values:
+        label, _, dtype = value.partition("=")
+        if dtype not in ADAPTER_DTYPES:
+            p.error(f"--adapter-dtype {value}: give LABEL=DTYPE, DTYPE one of {', '.join(ADAPTER_DTYPES)}")
+        chosen[label] = dtype
+    unknown = set(chosen) - {s.label for s in specs}
+    if unknown:
+        p.error(f"--adapter-dtype {', '.join(sorted(unknown))}: no such label")
+    return [replace(s, adapter_dtype=chosen.get(s.label, s.adapter_dtype)) for s in specs]
+
+
 def add_init_options(p: argparse.ArgumentParser) -> None:
     """--source, --bundle, --plain and --int8: the inits, in the order given (run_specs reads them)."""
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the full-precision model (for --int8)")
@@ -829,6 +867,8 @@ def add_init_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain", action=InOrder, help="LABEL=PATH: the bundle's base, PEFT's default init")
     p.add_argument("--int8", action=InOrder, nargs="?", const="int8", metavar="LABEL",
                    help="int8 QLoRA from --source (label: int8), with the first bundle's LoraConfig")
+    p.add_argument("--adapter-dtype", action="append", default=[], metavar="LABEL=DTYPE",
+                   help="train LABEL's LoRA factors in DTYPE (bfloat16; default float32)")
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -876,7 +916,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if TOTAL_BATCH % args.micro_batch:
         p.error(f"--micro-batch must divide {TOTAL_BATCH}")
-    specs = run_specs(getattr(args, "inits", None) or [])  # in the order given
+    specs = with_adapter_dtypes(run_specs(getattr(args, "inits", None) or []), args.adapter_dtype, p)
     bad = [s.label for s in specs if not LABEL_PATTERN.match(s.label)]
     if bad or len({s.label for s in specs}) < len(specs):
         p.error(f"labels must be distinct folder names (letters, digits, . _ -): {bad or [s.label for s in specs]}")

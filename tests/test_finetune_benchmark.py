@@ -270,3 +270,32 @@ def test_a_partial_run_from_another_init_is_refused(bench, tmp_path):
     assert not partial.checkpoint(40).exists()
     with pytest.raises(SystemExit, match="not there"):
         partial.progress(spec, 0, {"steps": 200}, norms)
+
+
+def test_adapter_dtype_trains_the_factors_in_bfloat16_and_is_part_of_the_run(bench, tmp_path):
+    """--adapter-dtype LABEL=bfloat16: the LoRA factors (only they) load and train in bfloat16, the run records it,
+    and a run file of the other dtype under the same label is refused."""
+    source, bundle = make_bundle(tmp_path)
+    model = bench["load_model"](bench["RunSpec"]("q", "bundle", bundle, "bfloat16"), source, "cpu", False)
+    dtypes = {(("lora_" in n), str(p.dtype)) for n, p in model.named_parameters()}
+    assert (True, "torch.bfloat16") in dtypes and (True, "torch.float32") not in dtypes
+    assert (False, "torch.bfloat16") not in dtypes  # the base is left as loaded
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(alpaca_records(40, seed=1)))
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("\n".join(json.dumps(r) for r in alpaca_records(30, seed=2)))
+    out = tmp_path / "ft"
+    args = ["--source", str(source), "--bundle", f"q={bundle}", "--adapter-dtype", "q=bfloat16", "--steps", "2",
+            "--data", str(data), "--eval-records", "8", "--forget-data", str(forget), "--forget-records", "8",
+            "--forget-calib-samples", "16", "--micro-batch", "8", "--max-len", "48", "--threads", "1",
+            "--no-gradient-checkpointing", "--out", str(out)]
+    report = run_script(*args)
+    run = json.loads((out / "runs" / "q" / "seed-0.json").read_text())
+    assert run["adapter_dtype"] == "bfloat16" and all_finite(p["task"] for p in run["curve"])
+    assert "bfloat16 factors" in report.stdout
+    with pytest.raises(SystemExit, match="with bfloat16 factors"):
+        bench["check_same_run"](run, bench["RunSpec"]("q", "bundle", bundle), run["protocol"], out)
+    for bad, said in (("q=int4", "DTYPE one of"), ("nope=bfloat16", "no such label")):
+        refused = subprocess.run([sys.executable, str(SCRIPT), *args[:4], "--adapter-dtype", bad, "--out", str(out)],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr

@@ -29,6 +29,7 @@ while true; do
     extra=()
     case $kind in
       int8) extra=(--int8 "$label") ;;  # int8 takes the first bundle's LoraConfig: --plain plain= stays first
+      *-bf16) extra=(--"${kind%-bf16}" "$label=$B/$folder" --adapter-dtype "$label=bfloat16") ;;  # factors in bf16
       *) [ "$label" = plain ] || extra=(--"$kind" "$label=$B/$folder") ;;
     esac
     echo "=== $(date -Is) $label seed $seed"
