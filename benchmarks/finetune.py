@@ -8,8 +8,9 @@ user loads them: `base = AutoModelForCausalLM.from_pretrained(BUNDLE, dtype=torc
 - --plain LABEL=PATH: `get_peft_model(base, LoraConfig.from_pretrained(BUNDLE, subfolder="quailora_init"))`:
   the bundle's base with PEFT's default LoRA init (lora_A Kaiming-uniform, lora_B = 0), same r, alpha, targets;
 - --int8 [LABEL]: --source loaded with BitsAndBytesConfig(load_in_8bit=True), the same LoraConfig (int8 QLoRA).
-On a float32 load prepare_model_for_kbit_training casts nothing (no float16/bfloat16 parameter is left) and
-freezes what PEFT freezes anyway; what it changes is that it turns gradient checkpointing on: the same math
+A 4-bit load keeps the unquantized weights (embeddings, norms) in the checkpoint's bfloat16 whatever dtype= says;
+prepare_model_for_kbit_training casts them to float32 and freezes what PEFT freezes anyway; it also turns gradient
+checkpointing on: the same math
 (dropout is 0), each layer's forward run twice; --no-gradient-checkpointing passes use_gradient_checkpointing=False
 (see the run JSON's seconds). The 4-bit base computes in the dtype the bundle's config.json names
 (bnb_4bit_compute_dtype), as a user's does; the LoRA factors are float32, unless --adapter-dtype LABEL=bfloat16
