@@ -32,10 +32,11 @@ def lost_update_share(weights: torch.Tensor, update: float) -> float:
     return float((up & down).float().mean())
 
 
-def init_shares(factors: dict[str, tuple]) -> dict[str, float]:
-    """lost_update_share over all factor entries of an init (lora_factors' (A, B, scaling) per module), per update."""
+def init_row(factors: dict[str, tuple]) -> dict[str, float]:
+    """Over all factor entries of an init (lora_factors' (A, B, scaling) per module): lost_update_share per update,
+    and the largest entry."""
     entries = torch.cat([t.flatten() for A, B, _ in factors.values() for t in (A, B)])
-    return {f"{u:g}": lost_update_share(entries, u) for u in UPDATES}
+    return {**{f"{u:g}": lost_update_share(entries, u) for u in UPDATES}, "max_entry": float(entries.abs().max())}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,9 +53,7 @@ def main(argv: list[str]) -> int:
     for spec in run_specs(getattr(args, "inits", None) or []):
         torch.manual_seed(args.seed)
         model = load_model(spec, args.source, "cpu", checkpointing=False)
-        factors = lora_factors(model)
-        rows[spec.label] = {"kind": spec.kind, "bundle": str(spec.bundle), **init_shares(factors),
-                            "max_entry": max(float(t.abs().max()) for A, B, _ in factors.values() for t in (A, B))}
+        rows[spec.label] = {"kind": spec.kind, "bundle": str(spec.bundle), **init_row(lora_factors(model))}
         del model
     args.out.parent.mkdir(parents=True, exist_ok=True)
     replace_text(args.out, json.dumps({"updates": list(UPDATES), "rows": rows}, indent=2))

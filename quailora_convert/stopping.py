@@ -38,8 +38,7 @@ def _handler(signum, frame) -> None:
 
 
 def _raise_stop(signum: int) -> None:
-    _state["raised"] = signum
-    raise StopRequested(signum)
+    raise stop_request(signum)
 
 
 def stop_behind(error: BaseException) -> BaseException:
@@ -98,6 +97,8 @@ def take_held_signal() -> int | None:
     return pending if _state["installed"] else None
 
 
-def stop_now(signum: int) -> None:
-    """Raise StopRequested for signum as the signal handler would have."""
-    _raise_stop(signum)
+def stop_request(signum: int) -> StopRequested:
+    """The StopRequested the signal handler raises for signum, recorded as raised (stop_behind), for the caller to
+    raise (several processes that agreed on where to stop, see convert.ranks)."""
+    _state["raised"] = signum
+    return StopRequested(signum)

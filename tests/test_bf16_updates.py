@@ -1,4 +1,5 @@
 """benchmarks/bf16_updates.py: which entries a bfloat16 weight cannot move by an update of a given size."""
+import json
 import runpy
 from pathlib import Path
 
@@ -37,8 +38,6 @@ def test_the_script_measures_each_init_as_finetune_loads_it(bench, tmp_path):
     out = tmp_path / "shares.json"
     assert bench["main"](["--source", str(source), "--plain", f"plain={bundle}", "--bundle", f"q={bundle}",
                           "--out", str(out)]) == 0
-    import json
-
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"plain", "q"}
     for row in rows.values():

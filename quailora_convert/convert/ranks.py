@@ -27,7 +27,7 @@ from typing import Callable, ContextManager, TypeVar
 import torch
 
 from ..errors import SHARED_MARK, BadInputError, PeerFailed, QuailoraError
-from ..stopping import critical, stop_now, take_held_signal
+from ..stopping import critical, stop_request, take_held_signal
 
 T = TypeVar("T")
 # How long a rank waits in a collective for the others: one layer's reads and solves on a 70B model on one
@@ -127,7 +127,7 @@ class Ranks:
             elif error is None:
                 signum = next((signal for _, signal in outcomes if signal is not None), None)
                 if signum is not None:
-                    error = _agreed_stop(signum)
+                    error = stop_request(signum)
             if error is not None:
                 setattr(error, SHARED_MARK, True)  # every rank stops here: they may part together (close)
         if error is not None:
@@ -163,15 +163,6 @@ class Ranks:
 
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
-
-
-def _agreed_stop(signum: int) -> BaseException:
-    """The StopRequested a signal on some rank raises on every rank, at the together() they stop at."""
-    try:
-        stop_now(signum)
-    except BaseException as stop:  # noqa: BLE001 - returned to be raised with the mark of a shared stop
-        return stop
-    raise AssertionError("stop_now returned")
 
 
 def _describe(rank: int, error: BaseException) -> tuple[str, int]:
